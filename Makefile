@@ -1,0 +1,27 @@
+# One entry point. `make test` builds (or reuses) an isolated environment and runs the suite.
+PYTHON ?= python3
+# The environment is keyed by the dependency lists only, so it is reused across clones until they change.
+ENV_KEY := $(shell $(PYTHON) tools/env_key.py)
+VENV ?= $(or $(UNIFLOW_VENV),$(HOME)/.cache/uniflow-venv/$(ENV_KEY))
+PY := $(VENV)/bin/python
+
+.PHONY: env test lint bench checkpoints demo
+
+$(VENV)/.ready:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1" || $(PY) -m pip install -q torch torchvision
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+env: $(VENV)/.ready
+	$(PY) -m pip install -q --no-deps -e .
+
+test: env
+	HF_HUB_OFFLINE=1 DS_ACCELERATOR=cpu $(PY) -m pytest -q tests
+
+lint: env
+	$(PY) -m ruff check .
+
+bench: env
+	$(PY) bench/tokenizer.py

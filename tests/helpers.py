@@ -1,0 +1,16 @@
+"""Tiny configurations shared by the tests (importable as `tests.helpers`)."""
+
+from uniflow.decoder import DecoderConfig
+from uniflow.encoders import EncoderConfig
+from uniflow.tokenizer import TokenizerConfig
+
+
+def tiny_tokenizer_config(width: int = 48, depth: int = 2, image_size: int = 32, patch: int = 8,
+                          global_depth: int = 1, head_width: int = 64, head_depth: int = 2) -> TokenizerConfig:
+    return TokenizerConfig(
+        encoder=EncoderConfig(backend="timm", arch="vit_tiny_patch16_224",
+                              kwargs={"embed_dim": width, "depth": depth, "num_heads": 2},
+                              image_size=image_size, patch_size=patch),
+        decoder=DecoderConfig(latent_channels=16, global_depth=global_depth, global_heads=2,
+                              head_width=head_width, head_depth=head_depth),
+    )

@@ -1,0 +1,112 @@
+"""The per-token velocity network: an MLP whose only access to the condition is adaLN modulation.
+
+It serves both the tokenizer (one flow per image patch, conditioned on the global blocks' output) and the generator
+(one flow per 64-d latent token, conditioned on the causal transformer's hidden state).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (scaled) times t of shape (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> sinusoidal(1000 t) -> MLP, as in DiT/MAR."""
+
+    def __init__(self, width: int, frequency_dim: int = 256) -> None:
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        emb = timestep_embedding(1000.0 * t, self.frequency_dim)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class AdaLNResBlock(nn.Module):
+    """LayerNorm -> adaLN shift/scale -> Linear-SiLU-Linear -> gated residual."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        shift, scale, gate = self.ada(y).chunk(3, dim=-1)
+        return x + gate * self.mlp(modulate(self.norm(x), shift, scale))
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm without affine -> adaLN shift/scale -> Linear to the output channels."""
+
+    def __init__(self, width: int, out_channels: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.linear = nn.Linear(width, out_channels)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.ada(y).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class FlowHead(nn.Module):
+    """v_theta(x_t, t, c) for a batch of independent tokens.
+
+    x_t: (M, channels) noisy token, t: (M,) in [0, 1], c: (M, cond_dim) condition. Returns (M, channels).
+    """
+
+    def __init__(self, channels: int, cond_dim: int, width: int, depth: int, frequency_dim: int = 256) -> None:
+        super().__init__()
+        self.channels = channels
+        self.input_proj = nn.Linear(channels, width)
+        self.time_embed = TimestepEmbedder(width, frequency_dim)
+        self.cond_embed = nn.Linear(cond_dim, width)
+        self.blocks = nn.ModuleList(AdaLNResBlock(width) for _ in range(depth))
+        self.final = FinalLayer(width, channels)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier for linears, N(0, 0.02) for the time MLP, and zero for every adaLN modulation and the output.
+
+        Zero-init makes each residual block start as the identity and the initial velocity zero (DiT/MAR practice).
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        for layer in self.time_embed.mlp:
+            if isinstance(layer, nn.Linear):
+                nn.init.normal_(layer.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.ada[-1].weight)
+            nn.init.zeros_(block.ada[-1].bias)
+        nn.init.zeros_(self.final.ada[-1].weight)
+        nn.init.zeros_(self.final.ada[-1].bias)
+        nn.init.zeros_(self.final.linear.weight)
+        nn.init.zeros_(self.final.linear.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        h = self.input_proj(x)
+        y = self.time_embed(t) + self.cond_embed(cond)
+        for block in self.blocks:
+            h = block(h, y)
+        return self.final(h, y)
