@@ -10,11 +10,11 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from uniflow.errors import CheckpointError
@@ -79,35 +79,65 @@ def read_config(folder: str | Path) -> dict[str, Any]:
 
 
 def read_weights(folder: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(folder) / WEIGHTS_NAME
-    if not path.is_file():
+    """The weights of a checkpoint folder, with distinct errors for a missing and a truncated file."""
+    if not (Path(folder) / WEIGHTS_NAME).is_file():
         raise CheckpointError(f"{Path(folder)}: missing {WEIGHTS_NAME}")
+    return read_safetensors(folder)
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a `.safetensors` file, or of a folder's `model.safetensors` (or its sharded index).
+
+    Raises CheckpointError naming the path when nothing loadable is there, instead of a bare FileNotFoundError.
+    """
+    path = Path(path)
+    if path.is_dir():
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            state: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                state.update(read_safetensors(path / shard))
+            return state
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights file not found (expected a .safetensors file or a folder holding one)")
     try:
         return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+    except Exception as exc:  # safetensors raises its own error types for truncated or foreign files
         raise CheckpointError(f"{path}: weights file is truncated or corrupt ({exc})") from None
 
 
-def load_state_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str,
-                      ignore_prefixes: tuple[str, ...] = ()) -> None:
-    """load_state_dict(strict) with an error naming missing, unexpected and mis-shaped keys."""
-    own = {k: v for k, v in module.state_dict().items() if not k.startswith(ignore_prefixes)}
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    shapes = [f"{k}: expected {tuple(own[k].shape)}, got {tuple(state_dict[k].shape)}"
-              for k in sorted(set(own) & set(state_dict)) if own[k].shape != state_dict[k].shape]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {_short(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys {_short(unexpected)}")
-        if shapes:
-            parts.append(f"shape mismatches {_short(shapes)}")
-        raise CheckpointError(f"{source}: weights do not match the model: " + "; ".join(parts))
-    module.load_state_dict(state_dict, strict=False)
+def _listing(keys: list[str], limit: int = 20) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def _short(items: list[str], limit: int = 12) -> str:
-    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
-    return "[" + ", ".join(items[:limit]) + "]" + more
+def load_state_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str,
+                      ignore_prefixes: tuple[str, ...] = (), check_only: bool = False) -> None:
+    """Load `state` into `module`, requiring the same keys and shapes.
+
+    torch's strict load raises a RuntimeError that names neither the file nor what to fix; this names `source` and
+    lists every missing, unexpected and mis-shaped key (with both shapes) in one CheckpointError.
+    """
+    own = {k: v for k, v in module.state_dict().items() if not k.startswith(ignore_prefixes)} if ignore_prefixes \
+        else module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(
+        f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})"
+        for k in set(own) & set(state)
+        if tuple(state[k].shape) != tuple(own[k].shape)
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_listing(unexpected)}")
+    if shapes:
+        problems.append(f"shape mismatches: {_listing(shapes)}")
+    if problems:
+        problems_text = "; ".join(problems)
+        raise CheckpointError(f"{source}: weights do not match the {type(module).__name__} model; {problems_text}")
+    if not check_only:
+        module.load_state_dict(dict(state), strict=not ignore_prefixes)

@@ -13,12 +13,13 @@ def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
 
 
 def sincos_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
-    """(gh*gw, dim) embedding in raster order: half the channels encode the row, half the column."""
+    """(gh*gw, dim) embedding in raster order: the first half of the channels encodes the column, the second the row
+    (the MAE layout the release initialises from)."""
     if dim % 4:
         raise ValueError(f"sin-cos 2-D embedding needs a width divisible by 4, got {dim}")
     gh, gw = grid
     rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
-    emb = torch.cat([sincos_1d(dim // 2, rows), sincos_1d(dim // 2, cols)], dim=1)
+    emb = torch.cat([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], dim=1)
     return emb.float()
 
 

@@ -38,12 +38,16 @@ def internvit_300m() -> TokenizerConfig:
 
 
 def siglip2_so400m() -> TokenizerConfig:
-    """SigLIP2-SO400M/14 at 384 px (UniFlow-LV's encoder), through `transformers`' SigLIP vision model."""
+    """SigLIP2-SO400M/14-384 (UniFlow-LV's encoder) through `transformers`' SigLIP vision model.
+
+    Its 384-px checkpoints see a 27 x 27 grid (the conv drops the last 6 pixels), so the tokenizer works at
+    27 * 14 = 378 px, where every pixel is encoded and decoded.
+    """
     return TokenizerConfig(
         encoder=EncoderConfig(backend="hf", arch="siglip_vision_model",
                               kwargs={"hidden_size": 1152, "num_hidden_layers": 27, "num_attention_heads": 16,
                                       "intermediate_size": 4304, "patch_size": 14, "image_size": 384},
-                              image_size=384, patch_size=14),
+                              image_size=378, patch_size=14),
         decoder=DecoderConfig(latent_channels=64, global_depth=6, global_heads=16, head_width=1024, head_depth=12),
     )
 

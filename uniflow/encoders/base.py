@@ -7,16 +7,13 @@ timm ViT changes only the encoder config.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from uniflow.errors import CheckpointError, ImageInputError
+from uniflow.errors import ImageInputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -108,59 +105,3 @@ class VisionEncoder(nn.Module):
 
 
 # --- weight loading shared by the adapters -----------------------------------------------------------------------
-
-
-def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a `.safetensors` file, or of a folder's `model.safetensors` (or its sharded index).
-
-    Raises CheckpointError naming the path when nothing loadable is there, instead of a bare FileNotFoundError.
-    """
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if path.is_dir():
-        index = path / "model.safetensors.index.json"
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            state: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                state.update(read_safetensors(path / shard))
-            return state
-        path = path / "model.safetensors"
-    if not path.is_file():
-        raise CheckpointError(f"{path}: weights file not found (expected a .safetensors file or a folder holding one)")
-    try:
-        return load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types for truncated or foreign files
-        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
-
-
-def _listing(keys: list[str], limit: int = 20) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def load_state_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Load `state` into `module`, requiring the same keys and shapes.
-
-    torch's own strict load reports shape mismatches one at a time and deep in a traceback; this names the file and
-    lists every missing, unexpected and mis-shaped key at once.
-    """
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(
-        f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})"
-        for k in set(own) & set(state)
-        if tuple(state[k].shape) != tuple(own[k].shape)
-    )
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_listing(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_listing(unexpected)}")
-    if shapes:
-        problems.append(f"shape mismatches: {_listing(shapes)}")
-    if problems:
-        raise CheckpointError(f"{source}: weights do not match the {type(module).__name__} model; " + "; ".join(problems))
-    module.load_state_dict(dict(state), strict=True)

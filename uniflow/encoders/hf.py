@@ -5,8 +5,10 @@
 written by `save_pretrained`, holding either the vision model itself or a dual model (e.g. a full `SiglipModel`) whose
 `vision_config` has that model_type; only the vision tower is loaded. Remote code is never trusted.
 
-Sizes (`patch_size`, `width`, `num_layers`, `image_size`) are read back from the built model's config: with a
-pretrained folder, the folder is the truth, not the preset's defaults.
+`patch_size`, `width` and `num_layers` are read back from the built model's config (with a pretrained folder, the
+folder is the truth, not the preset's defaults; `kwargs` override `config.image_size/patch_size` when building from a
+config). `image_size` stays `config.image_size`: the size callers resize to, whatever the position embedding's native
+grid is.
 
 Hidden states are `output_hidden_states=True`'s, minus the embedding output; CLS (CLIP, DINOv2) and register tokens
 (DINOv2 with registers) are dropped; SigLIP has neither. Non-native sizes work: CLIP and SigLIP get
@@ -18,8 +20,8 @@ Last layer: the raw output of the last block, before the model's final norm (`po
 every backend. Modules nothing reads are dropped after loading (final norms, SigLIP's attention-pooling head) and
 DINOv2's `mask_token` (used only for masked image modelling) is frozen, so every trainable parameter gets a gradient.
 
-Normalisation: `config.mean/std`, else `image_mean/std` from the pretrained folder's `preprocessor_config.json`, else the
-family's: SigLIP/SigLIP2 0.5/0.5, CLIP OpenAI's CLIP mean/std, DINOv2 ImageNet's.
+Normalisation: `config.mean/std`, else `image_mean/std` from the pretrained folder's `preprocessor_config.json`, else
+the family's: SigLIP/SigLIP2 0.5/0.5, CLIP OpenAI's CLIP mean/std, DINOv2 ImageNet's.
 """
 
 from __future__ import annotations
@@ -104,10 +106,7 @@ class HFEncoder(VisionEncoder):
         self.patch_size = _int_size(hf_config.patch_size)
         self.width = int(hf_config.hidden_size)
         self.num_layers = int(hf_config.num_hidden_layers)
-        if family.patch_sequence_input:
-            self.image_size = round(int(hf_config.num_patches) ** 0.5) * self.patch_size
-        else:
-            self.image_size = _int_size(hf_config.image_size)
+        self.image_size = config.image_size  # the size callers resize to; the position embedding adapts to it
         self.num_prefix_tokens = int(family.has_cls) + int(getattr(hf_config, "num_register_tokens", 0) or 0)
 
         mean, std = family.mean, family.std
@@ -122,7 +121,7 @@ class HFEncoder(VisionEncoder):
         else:
             sizes = {"image_size": config.image_size}
         try:
-            hf_config = AutoConfig.for_model(config.arch, patch_size=config.patch_size, **{**sizes, **config.kwargs})
+            hf_config = AutoConfig.for_model(config.arch, **{"patch_size": config.patch_size, **sizes, **config.kwargs})
             model = AutoModel.from_config(hf_config)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"encoder: cannot build {config.arch!r} with {config.kwargs}: {exc}") from exc
@@ -132,7 +131,7 @@ class HFEncoder(VisionEncoder):
     def _from_folder(config: EncoderConfig) -> tuple[nn.Module, PretrainedConfig]:
         folder = Path(config.pretrained or "")
         if not (folder / "config.json").is_file():
-            raise CheckpointError(f"{folder}: the 'hf' backend expects a folder written by save_pretrained (config.json)")
+            raise CheckpointError(f"{folder}: the 'hf' backend expects a save_pretrained folder (with config.json)")
         hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
         if hf_config.model_type != config.arch:
             vision = getattr(hf_config, "vision_config", None)
@@ -213,7 +212,13 @@ class HFEncoder(VisionEncoder):
         return EncoderOutput(hidden_states=tokens, grid=(gh, gw))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:
+        # `activation_checkpointing_*` replaces `gradient_checkpointing_*` in recent transformers (deprecated in v5).
+        if hasattr(self.model, "activation_checkpointing_enable"):
+            if enable:
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.activation_checkpointing_disable()
+        elif enable:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
             self.model.gradient_checkpointing_disable()

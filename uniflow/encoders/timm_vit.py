@@ -18,14 +18,13 @@ from __future__ import annotations
 import timm
 import torch
 
+from uniflow.checkpoint import load_state_strict, read_safetensors
 from uniflow.encoders.base import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     EncoderConfig,
     EncoderOutput,
     VisionEncoder,
-    load_state_strict,
-    read_safetensors,
 )
 from uniflow.errors import ConfigError
 

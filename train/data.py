@@ -1,0 +1,243 @@
+"""Training data: image folders (ImageNet layout), `datasets`, ShapeWorld, and a resumable per-rank sampler.
+
+Every dataset yields {"image": float (3, S, S) in [0, 1], "label": int, "index": int}. Images are resized (shorter
+side, bicubic) and centre-cropped to `image_size`; there is no random augmentation, so a sample is a pure function of
+its index and a resumed run sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, Sampler
+
+from train.config import DataConfig
+from uniflow.errors import ConfigError, ImageInputError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif", ".jfif")
+_UNREADABLE = (OSError, UnidentifiedImageError, ValueError, SyntaxError)
+
+
+def to_tensor(image: Image.Image, size: int) -> torch.Tensor:
+    """PIL image -> (3, size, size) float in [0, 1]: shorter side resized to `size`, then centre-cropped."""
+    image = image.convert("RGB")
+    w, h = image.size
+    if (w, h) != (size, size):
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        image = image.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    arr = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+class ImageFolderDataset(Dataset):
+    """`root/<class>/<image>` (ImageNet layout); classes are the sorted sub-folder names.
+
+    Unreadable files are skipped and counted (`self.skipped`) with one warning naming them; a folder where nothing
+    is readable, or with no images at all, is an error naming the folder. A file that opens but fails to decode later
+    (truncated data) is replaced by the next readable sample, with a warning.
+    """
+
+    def __init__(self, root: str | Path, image_size: int, verify: bool = True, field: str = "data.path") -> None:
+        root = Path(root)
+        if not root.is_dir():
+            raise ConfigError(f"{field}: data folder {root} not found")
+        classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        files: list[tuple[Path, int]] = []
+        for label, name in enumerate(classes):
+            for path in sorted((root / name).rglob("*")):
+                if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("."):
+                    files.append((path, label))
+        if not files:
+            raise ConfigError(
+                f"{field}: no images found in {root} (expected the ImageNet layout {root}/<class>/<image>, "
+                f"extensions {', '.join(IMAGE_EXTENSIONS[:5])}, ...)"
+            )
+        self.skipped: list[tuple[Path, str]] = []
+        if verify:
+            good = []
+            for path, label in files:
+                try:
+                    with Image.open(path) as im:
+                        im.size  # noqa: B018 - reading the header is the check
+                    good.append((path, label))
+                except _UNREADABLE as exc:
+                    self.skipped.append((path, f"{type(exc).__name__}: {exc}"))
+            if not good:
+                raise ImageInputError(
+                    f"{field}: all {len(files)} images in {root} are unreadable (first: {self.skipped[0][0]}: "
+                    f"{self.skipped[0][1]})"
+                )
+            if self.skipped:
+                shown = "; ".join(f"{p}: {why}" for p, why in self.skipped[:3])
+                more = f" and {len(self.skipped) - 3} more" if len(self.skipped) > 3 else ""
+                warnings.warn(
+                    f"{root}: skipped {len(self.skipped)} unreadable image(s) of {len(files)}: {shown}{more}",
+                    stacklevel=2,
+                )
+            files = good
+        self.root = root
+        self.classes = classes
+        self.files = files
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        for attempt in range(len(self.files)):
+            path, label = self.files[(index + attempt) % len(self.files)]
+            try:
+                with Image.open(path) as im:
+                    image = to_tensor(im, self.image_size)
+            except _UNREADABLE as exc:
+                warnings.warn(f"{path}: cannot decode ({exc}); using the next image instead", stacklevel=2)
+                continue
+            return {"image": image, "label": label, "index": index}
+        raise ImageInputError(f"{self.root}: no image could be decoded")
+
+
+class HFImageDataset(Dataset):
+    """Rows of a `datasets.Dataset` (or any indexable of dicts) with an image column and an optional label column."""
+
+    def __init__(self, rows: Sequence[dict[str, Any]], image_size: int, image_key: str = "image",
+                 label_key: str = "label", source: str = "data.path") -> None:
+        if len(rows) == 0:
+            raise ConfigError(f"{source}: the dataset is empty")
+        columns = getattr(rows, "column_names", None) or list(rows[0].keys())
+        if image_key not in columns:
+            raise ConfigError(f"{source}: no column {image_key!r} (data.image_key); columns are {columns}")
+        self.rows = rows
+        self.image_size = image_size
+        self.image_key = image_key
+        self.label_key = label_key if label_key in columns else None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _image(self, value: Any) -> Image.Image:
+        if isinstance(value, Image.Image):
+            return value
+        if isinstance(value, dict):  # undecoded datasets.Image: {"bytes": ..., "path": ...}
+            if value.get("bytes"):
+                import io
+
+                return Image.open(io.BytesIO(value["bytes"]))
+            if value.get("path"):
+                return Image.open(value["path"])
+        if isinstance(value, (str, Path)):
+            return Image.open(value)
+        if isinstance(value, np.ndarray):
+            return Image.fromarray(value)
+        raise ImageInputError(f"column {self.image_key!r}: cannot read an image from {type(value).__name__}")
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = self.rows[int(index)]
+        image = to_tensor(self._image(row[self.image_key]), self.image_size)
+        label = int(row[self.label_key]) if self.label_key is not None else -1
+        return {"image": image, "label": label, "index": int(index)}
+
+
+def load_hf_rows(path: str, split: str | None, field: str = "data.path") -> Any:
+    """A `datasets` split from a `save_to_disk` folder, local data files (parquet/json/csv/arrow/imagefolder), or a
+    hub name (needs a network). `datasets` is imported here only: it is an optional dependency."""
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError(f"{field}: data.source 'hf' needs the `datasets` package (pip install datasets)") from None
+    local = Path(path)
+    builders = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
+    if local.is_dir() and ((local / "dataset_info.json").is_file() or (local / "dataset_dict.json").is_file()
+                           or (local / "state.json").is_file()):
+        ds = datasets.load_from_disk(str(local))
+    elif local.suffix in builders or any(ch in path for ch in "*?"):
+        suffix = local.suffix if local.suffix in builders else Path(path.replace("*", "x")).suffix
+        if suffix not in builders:
+            raise ConfigError(f"{field}: cannot tell the file format of {path} (use .parquet, .json(l), .csv, .arrow)")
+        ds = datasets.load_dataset(builders[suffix], data_files=path)
+    elif local.is_dir():
+        ds = datasets.load_dataset("imagefolder", data_dir=str(local))
+    else:
+        ds = datasets.load_dataset(path)
+    if isinstance(ds, datasets.DatasetDict):
+        name = split or "train"
+        if name not in ds:
+            raise ConfigError(f"{field}: {path} has no split {name!r}; splits are {sorted(ds)}")
+        ds = ds[name]
+    return ds
+
+
+def build_dataset(data: DataConfig, heldout: bool = False) -> Dataset | None:
+    """The training (or held-out) dataset a DataConfig describes; held-out is None when none is configured."""
+    if data.source == "shapeworld":
+        from uniflow.data.shapeworld import ShapeWorldDataset
+
+        if heldout:
+            return ShapeWorldDataset("heldout", num_samples=data.heldout_samples, seed=data.seed,
+                                     image_size=data.image_size)
+        return ShapeWorldDataset(data.split if data.split in ("train", "heldout") else "train",
+                                 num_samples=data.num_samples, seed=data.seed, image_size=data.image_size)
+    path = data.heldout_path if heldout else data.path
+    field = "data.heldout_path" if heldout else "data.path"
+    if path is None:
+        if heldout:
+            if data.source == "hf" and data.heldout_split and data.path:
+                return HFImageDataset(load_hf_rows(data.path, data.heldout_split, "data.heldout_split"),
+                                      data.image_size, data.image_key, data.label_key, "data.heldout_split")
+            return None
+        raise ConfigError(f"{field}: required for data.source={data.source!r}")
+    if data.source == "folder":
+        return ImageFolderDataset(path, data.image_size, data.verify, field)
+    split = data.heldout_split if heldout else data.split
+    return HFImageDataset(load_hf_rows(path, split, field), data.image_size, data.image_key, data.label_key, field)
+
+
+class ResumableShardSampler(Sampler[int]):
+    """Indices of this rank's shard of one epoch, from any position within it.
+
+    Each epoch is a permutation seeded by (seed, epoch), padded by wrap-around to a multiple of the world size and
+    dealt round-robin to ranks, so every rank has the same number of samples (no rank waits forever in a collective).
+    `set_epoch(epoch, start)` skips the `start` samples this rank already consumed: the data position of a checkpoint.
+    Uses its own generator, never the global RNG (which would shift the training noise after a resume).
+    """
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True) -> None:
+        if size <= 0:
+            raise ConfigError("the training dataset is empty")
+        self.size = size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.start = 0
+        self.per_rank = math.ceil(size / world_size)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch = epoch
+        self.start = max(0, min(start, self.per_rank))
+
+    def shard(self, epoch: int) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(self.size, generator=g).tolist()
+        else:
+            order = list(range(self.size))
+        total = self.per_rank * self.world_size
+        order = (order * math.ceil(total / self.size))[:total]
+        return order[self.rank::self.world_size]
+
+    def __iter__(self):
+        return iter(self.shard(self.epoch)[self.start:])
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start

@@ -1,0 +1,148 @@
+"""Task "tokenizer": adapt a pretrained encoder into the UniFlow tokenizer (self-distillation + pixel flow decoder).
+
+The model section is a preset name plus TokenizerConfig overrides; `model.encoder.pretrained` names the encoder
+weights (e.g. the export of the "encoder" task). The frozen teacher is a copy of that encoder, attached before
+DeepSpeed sees the model and excluded from the optimizer. Evaluation reports held-out PSNR of 1-step (the config's
+default) reconstructions and writes a grid PNG: held-out images on top, reconstructions below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from eval.metrics import psnr
+from train.distributed import all_reduce_sum
+from train.tasks import EvalContext, Task, autocast_for, heldout_batches, model_section, module_device_dtype
+from uniflow.checkpoint import load_state_strict
+from uniflow.errors import ConfigError
+from uniflow.tokenizer import TokenizerConfig, UniFlowTokenizer
+
+EVAL_SEED = 1234  # decoder noise of the periodic evaluation: fixed, and independent of the training RNG
+
+
+class TokenizerTrainModule(nn.Module):
+    """Wraps the tokenizer so DeepSpeed's forward runs both the loss and the evaluation reconstructions."""
+
+    def __init__(self, tokenizer: UniFlowTokenizer) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+
+    def forward(self, batch: dict[str, Any], mode: str = "loss", steps: int | None = None, seed: int = EVAL_SEED
+                ) -> Any:
+        device, dtype = module_device_dtype(self.tokenizer)
+        images = batch["image"].to(device)
+        with autocast_for(dtype, device):
+            if mode == "reconstruct":
+                return self.tokenizer.reconstruct(images, steps=steps, seed=seed).float()
+            out = self.tokenizer.loss(images)
+        metrics = {"loss": out.loss.detach().float(), "flow": out.flow.float(), "distill": out.distill.float()}
+        for i, (a, w) in enumerate(zip(out.alpha.float(), out.weights.float()), start=1):
+            metrics[f"alpha_{i}"] = a.detach()
+            metrics[f"w_{i}"] = w.detach()
+        return {"loss": out.loss, "metrics": metrics}
+
+
+def _preset(name: str) -> dict[str, Any]:
+    from uniflow.presets import get_preset
+
+    return get_preset(name).to_dict()
+
+
+def save_grid(originals: torch.Tensor, recons: torch.Tensor, path: Path) -> None:
+    """Two rows: originals above reconstructions, 2-px white gutters."""
+    n, _, h, w = originals.shape
+    gap = 2
+    canvas = torch.ones(3, 2 * h + 3 * gap, n * (w + gap) + gap)
+    for i in range(n):
+        x = gap + i * (w + gap)
+        canvas[:, gap:gap + h, x:x + w] = originals[i]
+        canvas[:, 2 * gap + h:2 * gap + 2 * h, x:x + w] = recons[i]
+    arr = (canvas.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(arr).save(tmp, format="PNG")
+    tmp.replace(path)
+
+
+class TokenizerTask(Task):
+    kind = "tokenizer"
+    default_export_ema = True
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        section = dict(config.model)
+        section.setdefault("preset", "tiny")
+        merged, source = model_section(dataclasses.replace(config, model=section), _preset)
+        merged.pop("model_kind", None)
+        self.tokenizer_config = TokenizerConfig.from_dict(merged, source)
+        if config.gradient_checkpointing:
+            self.tokenizer_config.decoder.gradient_checkpointing = True
+        enc = self.tokenizer_config.encoder
+        pretrained = enc.pretrained
+        if pretrained is not None and not Path(pretrained).exists():
+            raise ConfigError(f"{source}.encoder.pretrained: {pretrained} not found (train the encoder first: "
+                              f"`uniflow train encoder --config train/configs/encoder_tiny.yaml`)")
+        if pretrained is None:
+            warnings.warn(f"{source}.encoder.pretrained is not set: the encoder (and the distillation teacher) "
+                          "start from random weights", stacklevel=2)
+        if config.data.image_size % enc.patch_size:
+            raise ConfigError(f"{config.source}: data.image_size {config.data.image_size} is not divisible by "
+                              f"model.encoder.patch_size {enc.patch_size}")
+
+    def build_model(self) -> nn.Module:
+        tokenizer = UniFlowTokenizer(self.tokenizer_config)
+        if self.config.gradient_checkpointing:
+            tokenizer.encoder.set_grad_checkpointing(True)
+        if self.tokenizer_config.distill_weight > 0:
+            tokenizer.attach_teacher()
+        return TokenizerTrainModule(tokenizer)
+
+    def export_key(self, name: str) -> bool:
+        return not name.startswith("tokenizer.teacher.")
+
+    @torch.no_grad()
+    def evaluate(self, ctx: EvalContext) -> dict[str, float]:
+        out: dict[str, float] = {}
+        scopes: list[tuple[str, Any]] = [("", None)]
+        if ctx.ema_scope is not None:
+            scopes.append(("_ema", ctx.ema_scope))
+        for suffix, scope in scopes:
+            if scope is None:
+                value, grid = self._psnr(ctx)
+            else:
+                with scope():
+                    value, grid = self._psnr(ctx)
+            out[f"heldout_psnr{suffix}"] = value
+            if ctx.dist.is_main and grid is not None:
+                save_grid(*grid, ctx.run_dir / "samples" / f"recon_step{ctx.step:07d}{suffix}.png")
+        return out
+
+    def _psnr(self, ctx: EvalContext) -> tuple[float, tuple[torch.Tensor, torch.Tensor] | None]:
+        total = torch.zeros(2, dtype=torch.float64)
+        grid = None
+        for batch, weight in heldout_batches(ctx.heldout, self.config.data.heldout_samples, ctx.batch_size, ctx.dist):
+            recon = ctx.forward(batch, mode="reconstruct").float().cpu()
+            scores = psnr(recon, batch["image"]).double().clamp(max=100.0)
+            total += torch.stack([(scores * weight.double()).sum(), weight.double().sum()])
+            if grid is None:
+                k = min(self.config.log.grid_images, recon.shape[0])
+                grid = (batch["image"][:k], recon[:k])
+        total = all_reduce_sum(total.to(ctx.dist.device)).cpu()
+        return float(total[0] / total[1].clamp_min(1)), grid
+
+    def export(self, state_dict: dict[str, torch.Tensor], out_dir: Path, dtype: torch.dtype | None,
+               metrics: dict[str, float]) -> Path:
+        prefix = "tokenizer."
+        weights = {k[len(prefix):]: v for k, v in state_dict.items()
+                   if k.startswith(prefix) and not k.startswith(prefix + "teacher.")}
+        model = UniFlowTokenizer.from_config(self.tokenizer_config, load_pretrained_encoder=False)
+        load_state_strict(model, weights, f"training state of {self.config.run_dir}", ignore_prefixes=("teacher.",))
+        return model.save_pretrained(out_dir, dtype=dtype)

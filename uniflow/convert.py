@@ -1,0 +1,140 @@
+"""Convert the official UniFlow release (`yuezhengrong/UniFlow`) into this implementation's checkpoint folder.
+
+The release keeps InternVL's encoder names at the top level next to its decoder: `chal_proj`/`chal_unproj` (latent
+down/up projections), `global_block_pos_embed`, `global_blocks` (timm blocks), `decoder_pos_embed` and
+`flow_head.net` (MAR's SimpleMLPAdaLN). Every key must map and every shape must match; otherwise the error lists the
+offending keys. The release uses our time convention (noise at t = 0) and 1 Euler step, so no tensor is changed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from uniflow.checkpoint import load_state_strict, read_safetensors, save_folder
+from uniflow.errors import CheckpointError
+from uniflow.presets import get_preset
+from uniflow.tokenizer import TokenizerConfig, UniFlowTokenizer
+
+# (release pattern, our replacement); applied in order, first match wins.
+_RULES: tuple[tuple[str, str], ...] = (
+    (r"^(embeddings\..+)$", r"encoder.\1"),
+    (r"^(encoder\.layers\..+)$", r"encoder.\1"),
+    (r"^chal_proj\.c_fc\.", "to_latent.0."),
+    (r"^chal_proj\.c_proj\.", "to_latent.2."),
+    (r"^chal_unproj\.c_fc\.", "decoder.from_latent.0."),
+    (r"^chal_unproj\.c_proj\.", "decoder.from_latent.2."),
+    (r"^global_block_pos_embed$", "decoder.global_pos_embed"),
+    (r"^global_blocks\.(\d+)\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.", r"decoder.global_blocks.\1.\2."),
+    (r"^decoder_pos_embed$", "decoder.decoder_pos_embed"),
+    (r"^flow_head\.net\.input_proj\.", "decoder.flow_head.input_proj."),
+    (r"^flow_head\.net\.cond_embed\.", "decoder.flow_head.cond_embed."),
+    (r"^flow_head\.net\.time_embed\.mlp\.([02])\.", r"decoder.flow_head.time_embed.mlp.\1."),
+    (r"^flow_head\.net\.res_blocks\.(\d+)\.in_ln\.", r"decoder.flow_head.blocks.\1.norm."),
+    (r"^flow_head\.net\.res_blocks\.(\d+)\.mlp\.([02])\.", r"decoder.flow_head.blocks.\1.mlp.\2."),
+    (r"^flow_head\.net\.res_blocks\.(\d+)\.adaLN_modulation\.1\.", r"decoder.flow_head.blocks.\1.ada.1."),
+    (r"^flow_head\.net\.final_layer\.linear\.", "decoder.flow_head.final.linear."),
+    (r"^flow_head\.net\.final_layer\.adaLN_modulation\.1\.", "decoder.flow_head.final.ada.1."),
+)
+_STRIP_PREFIXES = ("vision_model.", "model.")
+
+
+def rename_release_key(key: str) -> str | None:
+    """Our name for a release parameter, or None when it maps to nothing."""
+    for pattern, repl in _RULES:
+        new, hits = re.subn(pattern, repl, key)
+        if hits:
+            return new
+    return None
+
+
+def _strip_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for prefix in _STRIP_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            return {k[len(prefix):]: v for k, v in state.items()}
+    return dict(state)
+
+
+def _count(state: Mapping[str, torch.Tensor], pattern: str) -> int:
+    found = {int(m.group(1)) for k in state if (m := re.match(pattern, k))}
+    return max(found) + 1 if found else 0
+
+
+def config_from_release(state: Mapping[str, torch.Tensor], release_config: dict | None = None) -> TokenizerConfig:
+    """Our TokenizerConfig for a release state dict: sizes read from the tensors, head counts from its config.json."""
+    release_config = release_config or {}
+    need = ["embeddings.patch_embedding.weight", "embeddings.position_embedding", "chal_proj.c_proj.weight",
+            "flow_head.net.input_proj.weight"]
+    absent = [k for k in need if k not in state]
+    if absent:
+        raise CheckpointError(f"not a UniFlow release state dict: missing keys {absent}")
+    width, _, patch, _ = state["embeddings.patch_embedding.weight"].shape
+    side = round((state["embeddings.position_embedding"].shape[1] - 1) ** 0.5)
+    config = get_preset("internvit-300m")
+    enc_kwargs = {
+        "hidden_size": width,
+        "num_hidden_layers": _count(state, r"^encoder\.layers\.(\d+)\."),
+        "num_attention_heads": release_config.get("num_attention_heads", 16),
+        "intermediate_size": state["encoder.layers.0.mlp.fc1.weight"].shape[0]
+        if "encoder.layers.0.mlp.fc1.weight" in state else 4 * width,
+        "image_size": side * patch,
+        "patch_size": patch,
+    }
+    for key in ("layer_norm_eps", "qkv_bias", "drop_path_rate"):
+        if key in release_config:
+            enc_kwargs[key] = release_config[key]
+    config.encoder.kwargs = enc_kwargs
+    config.encoder.image_size = side * patch
+    config.encoder.patch_size = patch
+    config.decoder.latent_channels = state["chal_proj.c_proj.weight"].shape[0]
+    config.decoder.global_depth = _count(state, r"^global_blocks\.(\d+)\.")
+    config.decoder.global_heads = 16  # hard-coded in the release's global blocks
+    config.decoder.head_width = state["flow_head.net.input_proj.weight"].shape[0]
+    config.decoder.head_depth = _count(state, r"^flow_head\.net\.res_blocks\.(\d+)\.")
+    steps = release_config.get("num_sampling_steps")
+    if steps is not None:
+        config.flow.sample_steps = int(steps)
+    return config
+
+
+def convert_release_state(state: Mapping[str, torch.Tensor],
+                          release_config: dict | None = None) -> tuple[TokenizerConfig, dict[str, torch.Tensor]]:
+    """Rename a release state dict and check it against a model built from it; returns (config, our state dict)."""
+    state = _strip_prefix(state)
+    config = config_from_release(state, release_config)
+    unmatched = sorted(k for k in state if rename_release_key(k) is None)
+    if unmatched:
+        raise CheckpointError(f"release checkpoint: {len(unmatched)} key(s) map to nothing: {unmatched[:20]}")
+    ours = {rename_release_key(k): v for k, v in state.items()}
+    with torch.device("meta"):
+        model = UniFlowTokenizer.from_config(config, load_pretrained_encoder=False)
+    load_state_strict(model, ours, "release checkpoint (after renaming)", ignore_prefixes=("teacher.",),
+                      check_only=True)
+    return config, ours
+
+
+def load_release(src: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and config.json (if any) of a release folder or a single .safetensors file."""
+    src = Path(src)
+    release_config: dict = {}
+    if src.is_dir() and (src / "config.json").is_file():
+        release_config = json.loads((src / "config.json").read_text())
+        release_config = release_config.get("vision_config", release_config)
+    if src.is_dir() and not (src / "model.safetensors").is_file() and not (src / "model.safetensors.index.json").is_file():
+        files = sorted(src.glob("*.safetensors"))
+        if len(files) != 1:
+            raise CheckpointError(f"{src}: expected one .safetensors file or model.safetensors(.index.json), "
+                                  f"found {[f.name for f in files]}")
+        src = files[0]
+    return read_safetensors(src), release_config
+
+
+def convert_official_checkpoint(src: str | Path, dst: str | Path, dtype: str | None = None) -> Path:
+    """Read the release, convert and verify it, and write our `config.json` + `model.safetensors` to `dst`."""
+    state, release_config = load_release(src)
+    config, ours = convert_release_state(state, release_config)
+    return save_folder(dst, config.to_dict(), ours, dtype=getattr(torch, dtype) if dtype else None)
