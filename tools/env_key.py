@@ -2,8 +2,9 @@
 
 import hashlib
 import json
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
 deps = [project["dependencies"], project.get("optional-dependencies", {}), "torch==2.14.1 torchvision==0.29.1"]

@@ -138,7 +138,7 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
-    source: str = field(default="<defaults>", repr=False, compare=False)
+    source: str = field(default="<defaults>", repr=False, compare=False, metadata={"internal": True})
 
     def to_dict(self) -> dict[str, Any]:
         out = to_dict(self)
@@ -186,7 +186,7 @@ def read_file(path: str | Path) -> dict[str, Any]:
 
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name != "source"}
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
 
 
 def _strip_optional(annotation: Any) -> tuple[Any, bool]:

@@ -124,7 +124,8 @@ def load_release(src: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if src.is_dir() and (src / "config.json").is_file():
         release_config = json.loads((src / "config.json").read_text())
         release_config = release_config.get("vision_config", release_config)
-    if src.is_dir() and not (src / "model.safetensors").is_file() and not (src / "model.safetensors.index.json").is_file():
+    standard = ("model.safetensors", "model.safetensors.index.json")
+    if src.is_dir() and not any((src / name).is_file() for name in standard):
         files = sorted(src.glob("*.safetensors"))
         if len(files) != 1:
             raise CheckpointError(f"{src}: expected one .safetensors file or model.safetensors(.index.json), "
