@@ -5,7 +5,7 @@ ENV_KEY := $(shell $(PYTHON) tools/env_key.py)
 VENV ?= $(or $(UNIFLOW_VENV),$(HOME)/.cache/uniflow-venv/$(ENV_KEY))
 PY := $(VENV)/bin/python
 
-.PHONY: env test lint bench checkpoints demo
+.PHONY: env test lint bench checkpoints demo example
 
 $(VENV)/.ready:
 	$(PYTHON) -m venv $(VENV)
@@ -25,3 +25,10 @@ lint: env
 
 bench: env
 	$(PY) bench/tokenizer.py
+
+BUNDLE ?= checkpoints/shapeworld
+
+# Reconstruct held-out ShapeWorld images with the bundled tokenizer and print PSNR/SSIM per image.
+example: env
+	$(PY) -m app.cli data shapes --out outputs/example --num 8 --split heldout --no-progress
+	$(PY) -m app.cli reconstruct outputs/example/heldout/*/*.png --tokenizer $(BUNDLE)/tokenizer --out outputs/example/recon

@@ -15,6 +15,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext, suppress
 
 import torch
@@ -49,7 +50,31 @@ def _cpu_flags() -> list[str]:
     return []
 
 
-def describe(device: str = "cpu") -> dict[str, object]:
+def busy_cores(interval: float = 1.0) -> float | None:
+    """How many cores other work keeps busy right now (from /proc/stat over `interval` seconds; None off Linux).
+
+    On a shared machine this decides how to read the results: with N threads on N cores and one core taken by
+    another job, every parallel region waits for the descheduled thread, and small ops slow down many-fold.
+    """
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+        return sum(values[:8]), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(interval)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 == total0:
+        return None
+    return round((1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1), 2)
+
+
+def describe(device: str = "cpu", sample_load: bool = True) -> dict[str, object]:
     """A JSON-able description of this machine and software, recorded with every benchmark result."""
     try:
         usable_cores = len(os.sched_getaffinity(0))
@@ -71,6 +96,8 @@ def describe(device: str = "cpu") -> dict[str, object]:
     }
     with suppress(OSError):
         info["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    if sample_load:
+        info["busy_cores_before"] = busy_cores()
     if torch.cuda.is_available():
         index = torch.device(device).index if device.startswith("cuda") else None
         info["gpu"] = torch.cuda.get_device_name(index or 0)
@@ -93,26 +120,34 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_samples(precision: str = "fp32", size: int = 2048, repeats: int = 5, device: str = "cpu") -> list[float]:
+def matmul_samples(precision: str = "fp32", size: int = 2048, repeats: int = 5, device: str = "cpu",
+                   clock: Callable[[], float] = time.perf_counter) -> list[float]:
     """GFLOP/s of `repeats` timed (size x size) @ (size x size) products, after one untimed warm-up.
 
     Inputs are float32 in both precisions, as a model's activations are: under bf16 autocast the casts are part of
-    the cost, just as they are inside the model.
+    the cost, just as they are inside the model. `clock=time.process_time` measures CPU time instead of wall time:
+    with one thread on a shared machine, that leaves out the time the process waited for a core.
     """
+    return [2.0 * size**3 / s / 1e9 for s in matmul_times(precision, size, repeats, device, (clock,))[0]]
+
+
+def matmul_times(precision: str, size: int, repeats: int, device: str,
+                 clocks: tuple[Callable[[], float], ...]) -> list[list[float]]:
+    """Seconds of each timed product, once per clock (e.g. wall and CPU time of the same calls)."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(size, size, generator=gen).to(device)
     b = torch.randn(size, size, generator=gen).to(device)
-    flops = 2.0 * size**3
-    rates = []
+    times: list[list[float]] = [[] for _ in clocks]
     with torch.no_grad(), autocast(precision, device):
         a @ b
         for _ in range(repeats):
             synchronize(device)
-            start = time.perf_counter()
+            starts = [clock() for clock in clocks]
             a @ b
             synchronize(device)
-            rates.append(flops / (time.perf_counter() - start) / 1e9)
-    return rates
+            for i, clock in enumerate(clocks):
+                times[i].append(clock() - starts[i])
+    return times
 
 
 def matmul_gflops(precision: str = "fp32", size: int = 2048, repeats: int = 5, device: str = "cpu") -> float:

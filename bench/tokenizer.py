@@ -13,9 +13,9 @@ Why each part (DESIGN.md §10):
 A shared CPU makes absolute timings drift, so every figure is the median of its repeats and every ratio comes from
 measurements interleaved in the same run. Prints Markdown tables and writes `bench/results/tokenizer.json`.
 
-    python bench/tokenizer.py                          # everything, fp32 (about 10 minutes on 2 cores)
+    python bench/tokenizer.py --threads 1              # everything (about 8 minutes here, another job on a core)
     python bench/tokenizer.py --quick                  # batch 1, 252 px, 1 repeat
-    python bench/tokenizer.py --parts vae,flops --precisions fp32,bf16
+    python bench/tokenizer.py --parts vae,flops        # only the decoder comparisons (fp32 and bf16)
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ import torch
 from torch import nn
 
 try:
-    from bench.machine import autocast, describe, matmul_samples, synchronize
+    from bench.machine import autocast, describe, matmul_times, synchronize
 except ImportError:  # run as a script: bench/ itself is on sys.path
-    from machine import autocast, describe, matmul_samples, synchronize
+    from machine import autocast, describe, matmul_times, synchronize
 
 from uniflow.decoder import DecoderConfig, PixelFlowDecoder
 from uniflow.encoders import build_encoder
@@ -120,12 +120,17 @@ class PeakMemory:
 
 
 # --------------------------------------------------------------------------------------------------- timing
-def timed(fn: Callable[[], object], device: str) -> float:
+def timed(fn: Callable[[], object], device: str) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call.
+
+    CPU time leaves out the time the process waited for a core, so with one thread on a shared machine it is the
+    steadier measure; with several threads it also counts threads spinning at barriers, so wall time is the figure.
+    """
     synchronize(device)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
     synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 @dataclass
@@ -133,16 +138,27 @@ class Timing:
     """Repeated wall-clock times of one measurement; the median is what tables report."""
 
     seconds: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)
     memory: PeakMemory | None = None
+
+    def add(self, wall_cpu: tuple[float, float]) -> None:
+        self.seconds.append(wall_cpu[0])
+        self.cpu_seconds.append(wall_cpu[1])
 
     @property
     def median(self) -> float:
         return statistics.median(self.seconds)
 
+    @property
+    def median_cpu(self) -> float:
+        return statistics.median(self.cpu_seconds)
+
     def to_dict(self, batch: int = 1) -> dict[str, Any]:
         return {
             "seconds": [round(s, 4) for s in self.seconds],
             "median_s": round(self.median, 4),
+            "cpu_seconds": [round(s, 4) for s in self.cpu_seconds],
+            "median_cpu_s": round(self.median_cpu, 4),
             "images_per_s": round(batch / self.median, 4),
             "repeats": len(self.seconds),
             "peak_extra_mib": None if self.memory is None else _round(self.memory.extra_mib, 1),
@@ -165,7 +181,7 @@ def measure(fn: Callable[[], object], device: str, repeats: int, budget_s: float
     start = time.perf_counter()
     for _ in range(repeats):
         with timing.memory.measure():
-            timing.seconds.append(timed(fn, device))
+            timing.add(timed(fn, device))
         if time.perf_counter() - start > budget_s:
             break
     return timing
@@ -386,7 +402,7 @@ def run_vae(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"image_px": size, "batch": 1, "ours_params": ours_params, "latent_mlp_params": latent_mlp,
                            "sd_vae_decoder_params": vae_params, "ours_gflop": round(ours_gflop, 2),
                            "sd_vae_gflop": round(vae_gflop, 2), "by_precision": {}}
-    for precision in args.precisions:
+    for precision in args.vae_precisions:
         t_ours, t_vae = Timing(memory=PeakMemory(args.device)), Timing(memory=PeakMemory(args.device))
         with torch.no_grad(), autocast(precision, args.device):
             ours()
@@ -394,19 +410,21 @@ def run_vae(args: argparse.Namespace) -> dict[str, Any]:
             for _ in range(args.repeats):
                 for fn, timing in ((ours, t_ours), (sd_vae, t_vae)):
                     with timing.memory.measure():
-                        timing.seconds.append(timed(fn, args.device))
+                        timing.add(timed(fn, args.device))
         pair_ratios = [v / o for o, v in zip(t_ours.seconds, t_vae.seconds)]
         ratio = t_vae.median / t_ours.median
+        ratio_cpu = t_vae.median_cpu / t_ours.median_cpu
         out["by_precision"][precision] = {
             "ours": t_ours.to_dict() | {"gflop_per_s": round(ours_gflop / t_ours.median, 1)},
             "sd_vae": t_vae.to_dict() | {"gflop_per_s": round(vae_gflop / t_vae.median, 1)},
             "ratio_images_per_s": round(ratio, 3),
             "ratio_per_pair": [round(r, 3) for r in pair_ratios],
+            "ratio_cpu_time": round(ratio_cpu, 3),
             "goal": VAE_RATIO_GOAL,
             "meets_goal": ratio >= VAE_RATIO_GOAL,
         }
         print(f"  {precision}: ours {t_ours.median:.2f} s/img, SD-VAE {t_vae.median:.2f} s/img -> {ratio:.2f}x "
-              f"(pairs: {', '.join(f'{r:.2f}' for r in pair_ratios)})", flush=True)
+              f"(pairs: {', '.join(f'{r:.2f}' for r in pair_ratios)}; by CPU time {ratio_cpu:.2f}x)", flush=True)
     return out
 
 
@@ -440,28 +458,46 @@ def run_flops(args: argparse.Namespace) -> dict[str, Any]:
                            "flop_counter_gflop": round(counted / 1e9, 3), "matmul_size": args.matmul_size,
                            "by_precision": {}}
     for precision in args.flops_precisions:
-        timing = Timing(memory=PeakMemory(args.device))
-        gemm: list[float] = []
-        with torch.no_grad(), autocast(precision, args.device):
-            decode()
-            for _ in range(args.repeats):
-                gemm.append(statistics.median(matmul_samples(precision, args.matmul_size, 3, args.device)))
-                with timing.memory.measure():
-                    timing.seconds.append(timed(decode, args.device))
-            gemm.append(statistics.median(matmul_samples(precision, args.matmul_size, 3, args.device)))
-            achieved = gflop / timing.median
-            rate = statistics.median(gemm)
-            fraction = achieved / rate
-            entry = {"decode": timing.to_dict(), "achieved_gflop_per_s": round(achieved, 1),
-                     "matmul_gflop_per_s": round(rate, 1), "matmul_samples": [round(g, 1) for g in gemm],
-                     "fraction_of_matmul": round(fraction, 3), "goal": MATMUL_FRACTION_GOAL,
-                     "meets_goal": fraction >= MATMUL_FRACTION_GOAL}
-            if args.profile or fraction < MATMUL_FRACTION_GOAL:
-                entry["profile"] = profile_breakdown(decode, args.device)
+        entry = _flops_precision(decode, gflop, precision, args)
         out["by_precision"][precision] = entry
-        print(f"  {precision}: {timing.median:.2f} s/img = {achieved:.1f} GFLOP/s; matmul {rate:.1f} GFLOP/s "
-              f"-> {fraction:.0%}", flush=True)
+        print(f"  {precision}: {entry['decode']['median_s']:.2f} s/img = {entry['achieved_gflop_per_s']:.1f} GFLOP/s; "
+              f"matmul {entry['matmul_gflop_per_s']:.1f} GFLOP/s -> {entry['fraction_of_matmul']:.0%} "
+              f"(by CPU time {entry['fraction_of_matmul_cpu_time']:.0%})", flush=True)
     return out
+
+
+def _flops_precision(decode: Callable[[], object], gflop: float, precision: str,
+                     args: argparse.Namespace) -> dict[str, Any]:
+    """Decode timings alternated with GEMM rate samples (one before each decode and one after the last)."""
+    timing = Timing(memory=PeakMemory(args.device))
+    gemm: list[float] = []
+    gemm_cpu: list[float] = []
+    matmul_gflop = 2.0 * args.matmul_size**3 / 1e9
+
+    def sample_gemm() -> None:
+        wall, cpu = matmul_times(precision, args.matmul_size, 3, args.device, (time.perf_counter, time.process_time))
+        gemm.append(matmul_gflop / statistics.median(wall))
+        gemm_cpu.append(matmul_gflop / statistics.median(cpu))
+
+    with torch.no_grad(), autocast(precision, args.device):
+        decode()
+        for _ in range(args.repeats):
+            sample_gemm()
+            with timing.memory.measure():
+                timing.add(timed(decode, args.device))
+        sample_gemm()
+        achieved = gflop / timing.median
+        rate = statistics.median(gemm)
+        fraction = achieved / rate
+        fraction_cpu = (gflop / timing.median_cpu) / statistics.median(gemm_cpu)
+        entry = {"decode": timing.to_dict(), "achieved_gflop_per_s": round(achieved, 1),
+                 "matmul_gflop_per_s": round(rate, 1), "matmul_samples": [round(g, 1) for g in gemm],
+                 "matmul_samples_cpu_time": [round(g, 1) for g in gemm_cpu],
+                 "fraction_of_matmul": round(fraction, 3), "fraction_of_matmul_cpu_time": round(fraction_cpu, 3),
+                 "goal": MATMUL_FRACTION_GOAL, "meets_goal": fraction >= MATMUL_FRACTION_GOAL}
+        if args.profile or fraction < MATMUL_FRACTION_GOAL:
+            entry["profile"] = profile_breakdown(decode, args.device)
+    return entry
 
 
 # --------------------------------------------------------------------------------------------------- report
@@ -481,9 +517,11 @@ def _fmt(x: float | None) -> str:
 def markdown(report: dict[str, Any]) -> str:
     """The tables that the closing notes quote."""
     m = report["machine"]
-    lines = [f"Machine: {m['cpu']}, {m['usable_cores']} cores, {m['torch_threads']} torch threads, "
+    lines = [f"Machine: {m['cpu']}, {m['usable_cores']} cores ({m.get('busy_cores_before', '?')} busy with other "
+             f"work at the start), {m['torch_threads']} torch threads, "
              f"torch {m['torch']}, device {m['device']}" + (f" ({m['gpu']})" if m.get("gpu") else "")
-             + f", {m['date']}", ""]
+             + f", {m['date']}. Wall-clock medians; 'by CPU time' uses process CPU time instead (leaves out waiting "
+             "for a core; meaningful with 1 thread).", ""]
     rows = report.get("throughput")
     if rows:
         lines += ["### Encode / decode throughput (random weights, 1 Euler step, median of repeats)", "",
@@ -508,14 +546,15 @@ def markdown(report: dict[str, Any]) -> str:
                   f"SD-VAE decoder: {vae['sd_vae_decoder_params'] / 1e6:.2f}M parameters, "
                   f"{vae['sd_vae_gflop']:.0f} GFLOP/image.", "",
                   "| precision | ours s/img | SD-VAE s/img | ours img/s | SD-VAE img/s | ours GFLOP/s | SD-VAE GFLOP/s "
-                  "| ours peak +MiB | SD-VAE peak +MiB | ratio (goal ≥ 5×) |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| ours peak +MiB | SD-VAE peak +MiB | ratio (goal ≥ 5×) | ratio by CPU time |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for precision, r in vae["by_precision"].items():
             o, v = r["ours"], r["sd_vae"]
             lines.append(f"| {precision} | {o['median_s']:.2f} | {v['median_s']:.2f} | {_fmt(o['images_per_s'])} "
                          f"| {_fmt(v['images_per_s'])} | {o['gflop_per_s']:.1f} | {v['gflop_per_s']:.1f} "
                          f"| {_fmt(o['peak_extra_mib'])} | {_fmt(v['peak_extra_mib'])} "
-                         f"| **{r['ratio_images_per_s']:.2f}×** {'✓' if r['meets_goal'] else '✗'} |")
+                         f"| **{r['ratio_images_per_s']:.2f}×** {'✓' if r['meets_goal'] else '✗'} "
+                         f"| {r['ratio_cpu_time']:.2f}× |")
         lines.append("")
     fl = report.get("flops")
     if fl:
@@ -526,12 +565,13 @@ def markdown(report: dict[str, Any]) -> str:
                   f"up-projection {a['latent_up_projection']:.1f}); FlopCounterMode {fl['flop_counter_gflop']:.1f}.",
                   "",
                   f"| precision | s/img | achieved GFLOP/s | matmul {fl['matmul_size']}³ GFLOP/s | fraction "
-                  "(goal ≥ 70%) | peak +MiB |",
-                  "|---|---|---|---|---|---|"]
+                  "(goal ≥ 70%) | fraction by CPU time | peak +MiB |",
+                  "|---|---|---|---|---|---|---|"]
         for precision, r in fl["by_precision"].items():
             lines.append(f"| {precision} | {r['decode']['median_s']:.2f} | {r['achieved_gflop_per_s']:.1f} "
                          f"| {r['matmul_gflop_per_s']:.1f} | **{r['fraction_of_matmul']:.0%}** "
-                         f"{'✓' if r['meets_goal'] else '✗'} | {_fmt(r['decode']['peak_extra_mib'])} |")
+                         f"{'✓' if r['meets_goal'] else '✗'} | {r['fraction_of_matmul_cpu_time']:.0%} "
+                         f"| {_fmt(r['decode']['peak_extra_mib'])} |")
         lines.append("")
         for precision, r in fl["by_precision"].items():
             if "profile" in r:
@@ -547,7 +587,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--presets", default="tiny,internvit-300m")
     parser.add_argument("--sizes", default="448,256", help="internvit-300m image sizes; snapped to a patch multiple")
     parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--precisions", default="fp32", help="throughput and SD-VAE parts: fp32 and/or bf16")
+    parser.add_argument("--precisions", default="fp32", help="throughput part: fp32 and/or bf16 (autocast)")
+    parser.add_argument("--vae-precisions", default="fp32,bf16", help="SD-VAE comparison part")
     parser.add_argument("--flops-precisions", default="fp32,bf16", help="FLOP-efficiency part")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median reported)")
     parser.add_argument("--case-budget", type=float, default=30.0,
@@ -572,7 +613,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.batches = [int(b) for b in split(args.batches)]
     args.precisions = split(args.precisions)
     args.flops_precisions = split(args.flops_precisions)
-    for p in args.precisions + args.flops_precisions:
+    args.vae_precisions = split(args.vae_precisions)
+    for p in args.precisions + args.vae_precisions + args.flops_precisions:
         if p not in ("fp32", "bf16"):
             parser.error(f"precision must be fp32 or bf16, got {p!r}")
     if args.quick:
@@ -590,6 +632,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     report: dict[str, Any] = {"machine": describe(args.device),
                               "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    busy = report["machine"].get("busy_cores_before")
+    cores, threads = report["machine"]["usable_cores"], torch.get_num_threads()
+    if args.device == "cpu" and busy is not None and threads > 1 and threads + busy > (cores or 1) + 0.3:
+        print(f"warning: other processes keep {busy:.1f} of {cores} cores busy and torch uses {threads} threads; "
+              f"timings will suffer from oversubscription (try --threads {max(1, round((cores or 1) - busy))})",
+              flush=True)
     if "throughput" in args.parts:
         report["throughput"] = run_throughput(args)
     if "vae" in args.parts:

@@ -87,7 +87,7 @@ def test_converts_every_key_and_lands_distinctive_tensors(tmp_path):
     assert torch.equal(model.decoder.global_pos_embed, state["global_block_pos_embed"])
     assert torch.equal(model.decoder.decoder_pos_embed, state["decoder_pos_embed"])
     assert torch.equal(model.decoder.global_blocks[1].attn.qkv.weight, state["global_blocks.1.attn.qkv.weight"])
-    assert torch.equal(model.decoder.flow_head.blocks[2].ada[1].weight,
+    assert torch.equal(model.decoder.flow_head.blocks[2].ada.weight,
                        state["flow_head.net.res_blocks.2.adaLN_modulation.1.weight"])
     assert torch.equal(model.decoder.flow_head.final.linear.bias, state["flow_head.net.final_layer.linear.bias"])
     assert torch.equal(model.encoder.encoder.layers[1].ls2, state["encoder.layers.1.ls2"])

@@ -102,5 +102,15 @@ def test_flow_head_zero_init_and_condition_through_adaln_only():
     assert torch.equal(head(x, t, c), torch.zeros(4, 12))  # zero-init output and modulation
     # the condition reaches the residual stream only through the adaLN layers
     for block in head.blocks:
-        assert block.ada[-1].weight.abs().sum() == 0
+        assert block.ada.weight.abs().sum() == 0
     assert head.final.linear.weight.abs().sum() == 0
+
+
+def test_shared_time_is_embedded_once_with_the_same_result():
+    head = FlowHead(channels=6, cond_dim=4, width=8, depth=2)
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x, c = torch.randn(5, 6), torch.randn(5, 4)
+    shared = torch.tensor(0.3).expand(5)
+    assert shared.stride(0) == 0
+    assert torch.allclose(head(x, shared, c), head(x, torch.full((5,), 0.3), c), atol=1e-6)

@@ -36,9 +36,9 @@ _RULES: tuple[tuple[str, str], ...] = (
     (r"^flow_head\.net\.time_embed\.mlp\.([02])\.", r"decoder.flow_head.time_embed.mlp.\1."),
     (r"^flow_head\.net\.res_blocks\.(\d+)\.in_ln\.", r"decoder.flow_head.blocks.\1.norm."),
     (r"^flow_head\.net\.res_blocks\.(\d+)\.mlp\.([02])\.", r"decoder.flow_head.blocks.\1.mlp.\2."),
-    (r"^flow_head\.net\.res_blocks\.(\d+)\.adaLN_modulation\.1\.", r"decoder.flow_head.blocks.\1.ada.1."),
+    (r"^flow_head\.net\.res_blocks\.(\d+)\.adaLN_modulation\.1\.", r"decoder.flow_head.blocks.\1.ada."),
     (r"^flow_head\.net\.final_layer\.linear\.", "decoder.flow_head.final.linear."),
-    (r"^flow_head\.net\.final_layer\.adaLN_modulation\.1\.", "decoder.flow_head.final.ada.1."),
+    (r"^flow_head\.net\.final_layer\.adaLN_modulation\.1\.", "decoder.flow_head.final.ada."),
 )
 _STRIP_PREFIXES = ("vision_model.", "model.")
 

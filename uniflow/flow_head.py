@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -37,34 +38,38 @@ class TimestepEmbedder(nn.Module):
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift
+    """x * (1 + scale) + shift, in two fused element-wise passes."""
+    return torch.addcmul(shift, x, 1 + scale)
 
 
 class AdaLNResBlock(nn.Module):
-    """LayerNorm -> adaLN shift/scale -> Linear-SiLU-Linear -> gated residual."""
+    """LayerNorm -> adaLN shift/scale -> Linear-SiLU-Linear -> gated residual.
+
+    `ada` takes SiLU(y), computed once by the head for all blocks (DiT's adaLN is SiLU then Linear).
+    """
 
     def __init__(self, width: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+        self.ada = nn.Linear(width, 3 * width)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        shift, scale, gate = self.ada(y).chunk(3, dim=-1)
-        return x + gate * self.mlp(modulate(self.norm(x), shift, scale))
+    def forward(self, x: torch.Tensor, y_act: torch.Tensor) -> torch.Tensor:
+        shift, scale, gate = self.ada(y_act).chunk(3, dim=-1)
+        return torch.addcmul(x, gate, self.mlp(modulate(self.norm(x), shift, scale)))
 
 
 class FinalLayer(nn.Module):
-    """LayerNorm without affine -> adaLN shift/scale -> Linear to the output channels."""
+    """LayerNorm without affine -> adaLN shift/scale (from SiLU(y)) -> Linear to the output channels."""
 
     def __init__(self, width: int, out_channels: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.ada = nn.Linear(width, 2 * width)
         self.linear = nn.Linear(width, out_channels)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.ada(y).chunk(2, dim=-1)
+    def forward(self, x: torch.Tensor, y_act: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.ada(y_act).chunk(2, dim=-1)
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
@@ -96,17 +101,20 @@ class FlowHead(nn.Module):
         for layer in self.time_embed.mlp:
             if isinstance(layer, nn.Linear):
                 nn.init.normal_(layer.weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.ada[-1].weight)
-            nn.init.zeros_(block.ada[-1].bias)
-        nn.init.zeros_(self.final.ada[-1].weight)
-        nn.init.zeros_(self.final.ada[-1].bias)
+        for ada in [block.ada for block in self.blocks] + [self.final.ada]:
+            nn.init.zeros_(ada.weight)
+            nn.init.zeros_(ada.bias)
         nn.init.zeros_(self.final.linear.weight)
         nn.init.zeros_(self.final.linear.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         h = self.input_proj(x)
-        y = self.time_embed(t) + self.cond_embed(cond)
+        if t.ndim == 1 and t.numel() > 1 and t.stride(0) == 0:
+            # one time shared by every token (the samplers pass t.expand(M)): embed it once
+            t_emb = self.time_embed(t[:1]).expand(t.shape[0], -1)
+        else:
+            t_emb = self.time_embed(t)
+        y_act = F.silu(t_emb + self.cond_embed(cond))
         for block in self.blocks:
-            h = block(h, y)
-        return self.final(h, y)
+            h = block(h, y_act)
+        return self.final(h, y_act)
