@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="cast weights (default: keep the source dtype)")
     conv.set_defaults(func=_cmd_convert)
 
+    from train.cli import add_cli as add_train_cli
+
+    add_train_cli(sub)
+
     data = sub.add_parser("data", help="datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     from uniflow.data.shapeworld import add_cli as add_shapes_cli

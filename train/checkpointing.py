@@ -167,8 +167,12 @@ def clean_temporaries(run_dir: str | Path) -> None:
     root = checkpoints_dir(run_dir)
     if root.is_dir():
         for p in root.iterdir():
-            if p.name.startswith(".") and (p.name.endswith(".tmp") or p.name.endswith(".old")):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            if not (p.name.startswith(".") and p.name.endswith((".tmp", ".old"))):
+                continue
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------------------- finding

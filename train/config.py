@@ -249,7 +249,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
-            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
         return tuple(value)
     if origin is dict or target is dict:
         if not isinstance(value, dict):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +182,8 @@ def build_dataset(data: DataConfig, heldout: bool = False) -> Dataset | None:
         from uniflow.data.shapeworld import ShapeWorldDataset
 
         if heldout:
+            if data.heldout_samples <= 0:
+                return None
             return ShapeWorldDataset("heldout", num_samples=data.heldout_samples, seed=data.seed,
                                      image_size=data.image_size)
         return ShapeWorldDataset(data.split if data.split in ("train", "heldout") else "train",
@@ -236,7 +238,7 @@ class ResumableShardSampler(Sampler[int]):
         order = (order * math.ceil(total / self.size))[:total]
         return order[self.rank::self.world_size]
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[int]:
         return iter(self.shard(self.epoch)[self.start:])
 
     def __len__(self) -> int:

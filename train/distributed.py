@@ -44,11 +44,15 @@ def _device(local_rank: int) -> torch.device:
 def setup_distributed(backend: str | None = None) -> DistInfo:
     """Initialise (once) the default process group through DeepSpeed and describe this process."""
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if not launched and not dist.is_initialized():
-        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    self_set = not launched and not dist.is_initialized()
+    added: list[str] = []
+    if self_set:
+        defaults = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+        added = [k for k in defaults if k not in os.environ]
+        os.environ.update({k: defaults[k] for k in added})
+        os.environ["LOCAL_RANK"] = "0"
+    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine reads it
+    local_rank = int(os.environ["LOCAL_RANK"])
     device = _device(local_rank)
     if not dist.is_initialized():
         import deepspeed
@@ -56,6 +60,11 @@ def setup_distributed(backend: str | None = None) -> DistInfo:
         if backend is None and device.type == "cpu":
             backend = "gloo"
         deepspeed.init_distributed(dist_backend=backend or "nccl", auto_mpi_discovery=False)
+    if self_set:
+        # Only needed to create the group. Left behind, a child process (a test, a data tool) would take them for
+        # a launcher's and try to join this process's group.
+        for key in added:
+            os.environ.pop(key, None)
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device,
                     launched=launched)
 
@@ -89,3 +98,13 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def shutdown_distributed(wait_for_others: bool = True) -> None:
+    """Leave the process group cleanly at the end of a program. Exiting with gloo's threads still live can abort a
+    process ("terminate called without an active exception") after all its work is done. After an error, do not
+    wait: the other processes may never arrive."""
+    if dist.is_initialized():
+        if wait_for_others:
+            barrier()
+        dist.destroy_process_group()

@@ -71,8 +71,8 @@ def _preset_encoder(name: str) -> dict[str, Any]:
 class EncoderTask(Task):
     kind = "encoder"
 
-    def __init__(self, config: Any) -> None:
-        super().__init__(config)
+    def __init__(self, config: Any, dry_run: bool = False) -> None:
+        super().__init__(config, dry_run)
         section = dict(config.model)
         section.setdefault("preset", "tiny")
         unknown = sorted(set(section) - {"preset", "encoder", "num_classes"})

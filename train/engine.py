@@ -90,6 +90,20 @@ def _quiet_deepspeed() -> None:
     logger.setLevel(logging.WARNING)
 
 
+def _gather_nested_params_with_root(root: torch.nn.Module) -> None:
+    """ZeRO-3 gathers a module's own parameters around its forward() and, in backward, only when it can see that
+    forward's output tensors. Parameters owned by a module that has sub-modules are often read outside its forward
+    (timm's forward_intermediates reads pos_embed and cls_token; the encoder adapter returns a dataclass DeepSpeed
+    cannot look into), so they are registered with the root module and stay gathered for its whole forward and
+    backward. They are embeddings and tokens: small."""
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    for module in root.modules():
+        if module is not root and next(module.children(), None) is not None:
+            for p in module.parameters(recurse=False):
+                register_external_parameter(root, p)
+
+
 def train(config: TrainConfig, resume: str | Path | bool | None = None, export_only: bool = False) -> RunResult:
     """Run (or resume, or only export) one training run. resume: True = latest checkpoint of the run folder, or a
     run folder / checkpoint folder path."""
@@ -133,6 +147,8 @@ def train(config: TrainConfig, resume: str | Path | bool | None = None, export_o
         model=model, optimizer=optimizer, config=ds_config, dist_init_required=False,
         lr_scheduler=lambda opt: WarmupSchedule(opt, config.steps, config.optim),
     )
+    if stage == 3:
+        _gather_nested_params_with_root(engine.module)
     ema = None
     if config.ema.enabled:
         ema = EMA(engine.module, config.ema.decay, config.ema.warmup, partitioned=stage == 3,

@@ -48,8 +48,10 @@ class Task(ABC):
     kind: ClassVar[str]
     default_export_ema: ClassVar[bool] = False
 
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: TrainConfig, dry_run: bool = False) -> None:
+        """dry_run: build on the meta device for checks; never read weight files (they may not exist here)."""
         self.config = config
+        self.dry_run = dry_run
 
     @abstractmethod
     def build_model(self) -> nn.Module:

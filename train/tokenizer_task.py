@@ -76,8 +76,8 @@ class TokenizerTask(Task):
     kind = "tokenizer"
     default_export_ema = True
 
-    def __init__(self, config: Any) -> None:
-        super().__init__(config)
+    def __init__(self, config: Any, dry_run: bool = False) -> None:
+        super().__init__(config, dry_run)
         section = dict(config.model)
         section.setdefault("preset", "tiny")
         merged, source = model_section(dataclasses.replace(config, model=section), _preset)
@@ -87,10 +87,12 @@ class TokenizerTask(Task):
             self.tokenizer_config.decoder.gradient_checkpointing = True
         enc = self.tokenizer_config.encoder
         pretrained = enc.pretrained
-        if pretrained is not None and not Path(pretrained).exists():
+        if dry_run:
+            self.tokenizer_config.encoder.pretrained = None
+        elif pretrained is not None and not Path(pretrained).exists():
             raise ConfigError(f"{source}.encoder.pretrained: {pretrained} not found (train the encoder first: "
                               f"`uniflow train encoder --config train/configs/encoder_tiny.yaml`)")
-        if pretrained is None:
+        elif pretrained is None:
             warnings.warn(f"{source}.encoder.pretrained is not set: the encoder (and the distillation teacher) "
                           "start from random weights", stacklevel=2)
         if config.data.image_size % enc.patch_size:

@@ -30,9 +30,12 @@ def atomic_write_dir(dest: str | Path, write: Any) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         write(tmp)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        os.chmod(tmp, 0o755)  # mkdtemp creates 0700; a shipped checkpoint should be readable by others
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                os.chmod(f, 0o644)
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         old = None
         if dest.exists():
             old = dest.parent / f".{dest.name}.old-{os.getpid()}"
