@@ -28,6 +28,16 @@ bench: env
 
 BUNDLE ?= checkpoints/shapeworld
 
+# Rebuild the shipped ShapeWorld checkpoints from nothing on a CPU (see docs/results.md for the time it takes):
+# pretrain the tiny encoder (the teacher), adapt it into the tokenizer, write the fp16 bundle, measure it.
+checkpoints: env
+	$(PY) -m app.cli train encoder --config train/configs/encoder_tiny.yaml
+	$(PY) -m app.cli train encoder --config train/configs/encoder_tiny.yaml export.dtype=float16 \
+		export.dir=$(BUNDLE)/encoder --resume --export-only
+	$(PY) -m app.cli train tokenizer --config train/configs/tokenizer_tiny.yaml export.dtype=float16 \
+		export.dir=$(BUNDLE)/tokenizer
+	$(PY) -m eval.shapeworld_tokenizer --bundle $(BUNDLE) --out $(BUNDLE)/eval.json
+
 # Reconstruct held-out ShapeWorld images with the bundled tokenizer and print PSNR/SSIM per image.
 example: env
 	$(PY) -m app.cli data shapes --out outputs/example --num 8 --split heldout --no-progress

@@ -86,14 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from uniflow.errors import UniFlowError
+    from uniflow.errors import run_command
 
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except UniFlowError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

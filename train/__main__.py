@@ -10,16 +10,12 @@ from train.cli import add_kind_parsers
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from uniflow.errors import UniFlowError
+    from uniflow.errors import run_command
 
     parser = argparse.ArgumentParser(prog="python -m train", description="Train UniFlow models on DeepSpeed.")
     add_kind_parsers(parser)
     args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except UniFlowError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from uniflow.configs import read_json
 from uniflow.errors import CheckpointError
 
 CONFIG_NAME = "config.json"
@@ -72,13 +73,9 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: checkpoint folder not found")
-    path = folder / CONFIG_NAME
-    if not path.is_file():
+    if not (folder / CONFIG_NAME).is_file():
         raise CheckpointError(f"{folder}: missing {CONFIG_NAME}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    return read_json(folder / CONFIG_NAME, CheckpointError)
 
 
 def read_weights(folder: str | Path) -> dict[str, torch.Tensor]:

@@ -63,11 +63,12 @@ def to_dict(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
-def read_json(path: str | Path) -> dict[str, Any]:
+def read_json(path: str | Path, error: type[Exception] = ConfigError) -> dict[str, Any]:
+    """A JSON file's content; a missing file or invalid JSON raises `error` naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise error(f"{path}: file not found")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+        raise error(f"{path}: not valid JSON ({exc})") from None

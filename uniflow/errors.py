@@ -1,5 +1,9 @@
 """Errors users see. Each names the file, field or input at fault instead of surfacing a deep torch traceback."""
 
+import sys
+from collections.abc import Callable
+from typing import Any
+
 
 class UniFlowError(ValueError):
     """Base class for every error this project raises on bad input."""
@@ -15,3 +19,12 @@ class CheckpointError(UniFlowError):
 
 class ImageInputError(UniFlowError):
     """An image cannot be used: unreadable file, wrong shape or dtype, size not divisible by the patch size."""
+
+
+def run_command(func: Callable[[Any], Any], args: Any) -> int:
+    """Run a CLI handler: a UniFlowError becomes one `error: ...` line on stderr and exit code 2, not a traceback."""
+    try:
+        return int(func(args) or 0)
+    except UniFlowError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,145 @@
+"""Measure a ShapeWorld tokenizer against issue #3's bar: held-out PSNR/SSIM (1 Euler step by default), mean cosine
+to the teacher over the deepest third of the encoder layers, and a linear probe on student vs teacher features.
+
+    python -m eval.shapeworld_tokenizer --bundle checkpoints/shapeworld [--steps 1] [--out FILE.json]
+
+The teacher is the pretrained encoder the tokenizer was adapted from (`<bundle>/encoder/encoder.safetensors`).
+The probe is multinomial logistic regression on mean-pooled last-layer patch tokens, fitted on training images and
+scored on held-out ones, identically for both encoders, so the gap measures what adaptation cost the semantics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from eval.metrics import psnr, ssim
+from uniflow import UniFlowTokenizer
+from uniflow.data.shapeworld import NUM_CLASSES, ShapeWorldDataset
+from uniflow.encoders import VisionEncoder, build_encoder
+
+
+def load_teacher(bundle: Path, tokenizer: UniFlowTokenizer) -> VisionEncoder:
+    weights = bundle / "encoder" / "encoder.safetensors"
+    return build_encoder(dataclasses.replace(tokenizer.config.encoder, pretrained=str(weights))).eval()
+
+
+def batches(dataset: ShapeWorldDataset, count: int, batch_size: int, desc: str):
+    for start in tqdm(range(0, count, batch_size), desc=desc, unit="batch", file=sys.stderr):
+        items = [dataset[i] for i in range(start, min(count, start + batch_size))]
+        yield torch.stack([d["image"] for d in items]), torch.tensor([d["label"] for d in items])
+
+
+@torch.no_grad()
+def features(encoder: VisionEncoder, images: torch.Tensor) -> list[torch.Tensor]:
+    return encoder(encoder.normalize(images)).hidden_states
+
+
+def fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 300) -> torch.nn.Linear:
+    """Logistic regression with L-BFGS on standardised features (deterministic, seconds on a CPU)."""
+    torch.manual_seed(0)
+    probe = torch.nn.Linear(x.shape[1], classes)
+    opt = torch.optim.LBFGS(probe.parameters(), lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(probe(x), y) + 1e-4 * probe.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return probe
+
+
+def probe_accuracy(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor]) -> float:
+    mean, std = train[0].mean(0), train[0].std(0) + 1e-6
+    probe = fit_probe((train[0] - mean) / std, train[1], NUM_CLASSES)
+    with torch.no_grad():
+        return (probe((test[0] - mean) / std).argmax(1) == test[1]).float().mean().item()
+
+
+def evaluate(bundle: Path, heldout: int = 1000, probe_train: int = 5000, steps: int = 1, sampler: str = "euler",
+             batch_size: int = 100, seed: int = 0) -> dict:
+    tokenizer = UniFlowTokenizer.from_pretrained(bundle / "tokenizer")
+    teacher = load_teacher(bundle, tokenizer)
+    student = tokenizer.encoder
+    num_layers = student.num_layers
+    deep = list(range(num_layers - math.ceil(num_layers / 3), num_layers))
+    test_set = ShapeWorldDataset("heldout", heldout, seed=0)
+    train_set = ShapeWorldDataset("train", probe_train, seed=0)
+
+    psnrs, ssims, cosines = [], [], torch.zeros(num_layers)
+    feats = {"student": [], "teacher": []}
+    labels = []
+    start = time.time()
+    for images, y in batches(test_set, heldout, batch_size, "held-out"):
+        recon = tokenizer.reconstruct(images, steps=steps, sampler=sampler, seed=seed + len(psnrs))
+        psnrs.append(psnr(recon, images))
+        ssims.append(ssim(recon, images))
+        s_states, t_states = features(student, images), features(teacher, images)
+        for layer in range(num_layers):
+            cosines[layer] += F.cosine_similarity(s_states[layer], t_states[layer], dim=-1).mean(1).sum()
+        feats["student"].append(s_states[-1].mean(1))
+        feats["teacher"].append(t_states[-1].mean(1))
+        labels.append(y)
+    decode_time = time.time() - start
+    cosines /= heldout
+    test = {k: (torch.cat(v), torch.cat(labels)) for k, v in feats.items()}
+
+    train_feats = {"student": [], "teacher": []}
+    train_labels = []
+    for images, y in batches(train_set, probe_train, batch_size, "probe features"):
+        train_feats["student"].append(features(student, images)[-1].mean(1))
+        train_feats["teacher"].append(features(teacher, images)[-1].mean(1))
+        train_labels.append(y)
+    accuracy = {k: probe_accuracy((torch.cat(train_feats[k]), torch.cat(train_labels)), test[k])
+                for k in ("student", "teacher")}
+    return {
+        "bundle": str(bundle),
+        "heldout_images": heldout,
+        "sampler": sampler,
+        "steps": steps,
+        "psnr_db": torch.cat(psnrs).mean().item(),
+        "ssim": torch.cat(ssims).mean().item(),
+        "cosine_to_teacher_per_layer": [round(c, 5) for c in cosines.tolist()],
+        "deepest_third_layers": [layer + 1 for layer in deep],
+        "cosine_to_teacher_deepest_third": cosines[deep].mean().item(),
+        "probe_train_images": probe_train,
+        "probe_accuracy_student": accuracy["student"],
+        "probe_accuracy_teacher": accuracy["teacher"],
+        "probe_gap_points": 100 * (accuracy["teacher"] - accuracy["student"]),
+        "reconstruct_seconds": decode_time,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", default="checkpoints/shapeworld", type=Path)
+    parser.add_argument("--heldout", type=int, default=1000)
+    parser.add_argument("--probe-train", type=int, default=5000)
+    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--sampler", choices=["euler", "heun"], default="euler")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    result = evaluate(args.bundle, args.heldout, args.probe_train, args.steps, args.sampler)
+    print("| metric | value |\n| --- | --- |")
+    for key in ("psnr_db", "ssim", "cosine_to_teacher_deepest_third", "probe_accuracy_student",
+                "probe_accuracy_teacher", "probe_gap_points"):
+        print(f"| {key} | {result[key]:.4f} |")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
