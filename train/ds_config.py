@@ -8,7 +8,6 @@ overridden with a warning (two sources of truth silently disagreeing is how runs
 from __future__ import annotations
 
 import copy
-import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 
 from train.config import TrainConfig
+from uniflow.configs import read_json
 from uniflow.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -34,10 +34,7 @@ def resolve_path(name: str) -> Path:
 
 def read_ds_json(name: str) -> dict[str, Any]:
     path = resolve_path(name)
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    data = read_json(path)
     for section in ("optimizer", "scheduler"):
         if section in data:
             raise ConfigError(f"{path}: remove the {section!r} section; the run config's `optim` sets it")

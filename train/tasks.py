@@ -26,6 +26,7 @@ from torch.utils.data import Dataset, default_collate
 from train.config import TrainConfig
 from train.data import build_dataset
 from train.distributed import DistInfo
+from train.ds_config import deep_merge
 from uniflow.errors import ConfigError
 
 
@@ -84,17 +85,7 @@ def model_section(config: TrainConfig, preset_dict: Callable[[str], dict[str, An
     source = f"{config.source}: model"
     preset = section.pop("preset", None)
     base = preset_dict(preset) if preset is not None else {}
-    return _merge(base, section), source
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
+    return deep_merge(base, section), source
 
 
 def heldout_batches(dataset: Dataset, limit: int, batch_size: int, dist_info: DistInfo
