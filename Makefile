@@ -5,7 +5,7 @@ ENV_KEY := $(shell $(PYTHON) tools/env_key.py)
 VENV ?= $(or $(UNIFLOW_VENV),$(HOME)/.cache/uniflow-venv/$(ENV_KEY))
 PY := $(VENV)/bin/python
 
-.PHONY: env test lint bench checkpoints demo example
+.PHONY: env test lint bench checkpoints ablations demo example
 
 $(VENV)/.ready:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,19 @@ checkpoints: env
 	$(PY) -m app.cli train tokenizer --config train/configs/tokenizer_tiny.yaml export.dtype=float16 \
 		export.dir=$(BUNDLE)/tokenizer
 	$(PY) -m eval.shapeworld_tokenizer --bundle $(BUNDLE) --out $(BUNDLE)/eval.json
+
+# The paper's two ablations at ShapeWorld scale, each at the budget of the bundled run (after `make checkpoints`,
+# which leaves the baseline in runs/tokenizer_tiny): uniform instead of adaptive layer weights, and no global blocks.
+TRAIN_TOKENIZER := $(PY) -m app.cli train tokenizer --config train/configs/tokenizer_tiny.yaml
+EVAL_TOKENIZER := $(PY) -m eval.shapeworld_tokenizer --bundle $(BUNDLE)
+ablations: env
+	$(TRAIN_TOKENIZER) model.distill.weighting=uniform run_dir=runs/abl_uniform \
+		export.dir=runs/abl_uniform/export export.dtype=float16
+	$(EVAL_TOKENIZER) --tokenizer runs/abl_uniform/export --out runs/abl_uniform/eval.json
+	$(TRAIN_TOKENIZER) model.decoder.global_depth=0 run_dir=runs/abl_gtb0 \
+		export.dir=runs/abl_gtb0/export export.dtype=float16
+	$(EVAL_TOKENIZER) --tokenizer runs/abl_gtb0/export --out runs/abl_gtb0/eval.json
+	$(PY) -m eval.compare_runs baseline=runs/tokenizer_tiny uniform=runs/abl_uniform global_depth_0=runs/abl_gtb0
 
 # Reconstruct held-out ShapeWorld images with the bundled tokenizer and print PSNR/SSIM per image.
 example: env

@@ -2,8 +2,10 @@
 to the teacher over the deepest third of the encoder layers, and a linear probe on student vs teacher features.
 
     python -m eval.shapeworld_tokenizer --bundle checkpoints/shapeworld [--steps 1] [--out FILE.json]
+    python -m eval.shapeworld_tokenizer --tokenizer runs/abl_uniform/export   # another tokenizer, bundle's teacher
 
-The teacher is the pretrained encoder the tokenizer was adapted from (`<bundle>/encoder/encoder.safetensors`).
+The teacher is the pretrained encoder the tokenizer was adapted from (`<bundle>/encoder/encoder.safetensors`, or
+`--teacher FILE`).
 The probe is multinomial logistic regression on mean-pooled last-layer patch tokens, fitted on training images and
 scored on held-out ones, identically for both encoders, so the gap measures what adaptation cost the semantics.
 """
@@ -28,8 +30,7 @@ from uniflow.data.shapeworld import NUM_CLASSES, ShapeWorldDataset
 from uniflow.encoders import VisionEncoder, build_encoder
 
 
-def load_teacher(bundle: Path, tokenizer: UniFlowTokenizer) -> VisionEncoder:
-    weights = bundle / "encoder" / "encoder.safetensors"
+def load_teacher(weights: Path, tokenizer: UniFlowTokenizer) -> VisionEncoder:
     return build_encoder(dataclasses.replace(tokenizer.config.encoder, pretrained=str(weights))).eval()
 
 
@@ -68,9 +69,13 @@ def probe_accuracy(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.T
 
 
 def evaluate(bundle: Path, heldout: int = 1000, probe_train: int = 5000, steps: int = 1, sampler: str = "euler",
-             batch_size: int = 100, seed: int = 0) -> dict:
-    tokenizer = UniFlowTokenizer.from_pretrained(bundle / "tokenizer")
-    teacher = load_teacher(bundle, tokenizer)
+             batch_size: int = 100, seed: int = 0, tokenizer_dir: Path | None = None,
+             teacher_weights: Path | None = None) -> dict:
+    """Every figure of the bar; `tokenizer_dir`/`teacher_weights` replace the bundle's parts (ablation runs)."""
+    tokenizer_dir = tokenizer_dir or bundle / "tokenizer"
+    teacher_weights = teacher_weights or bundle / "encoder" / "encoder.safetensors"
+    tokenizer = UniFlowTokenizer.from_pretrained(tokenizer_dir)
+    teacher = load_teacher(teacher_weights, tokenizer)
     student = tokenizer.encoder
     num_layers = student.num_layers
     deep = list(range(num_layers - math.ceil(num_layers / 3), num_layers))
@@ -104,7 +109,8 @@ def evaluate(bundle: Path, heldout: int = 1000, probe_train: int = 5000, steps: 
     accuracy = {k: probe_accuracy((torch.cat(train_feats[k]), torch.cat(train_labels)), test[k])
                 for k in ("student", "teacher")}
     return {
-        "bundle": str(bundle),
+        "tokenizer": str(tokenizer_dir),
+        "teacher": str(teacher_weights),
         "heldout_images": heldout,
         "sampler": sampler,
         "steps": steps,
@@ -124,13 +130,17 @@ def evaluate(bundle: Path, heldout: int = 1000, probe_train: int = 5000, steps: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", default="checkpoints/shapeworld", type=Path)
+    parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer folder (default: <bundle>/tokenizer)")
+    parser.add_argument("--teacher", type=Path, default=None,
+                        help="teacher encoder weights (default: <bundle>/encoder/encoder.safetensors)")
     parser.add_argument("--heldout", type=int, default=1000)
     parser.add_argument("--probe-train", type=int, default=5000)
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--sampler", choices=["euler", "heun"], default="euler")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
-    result = evaluate(args.bundle, args.heldout, args.probe_train, args.steps, args.sampler)
+    result = evaluate(args.bundle, args.heldout, args.probe_train, args.steps, args.sampler,
+                      tokenizer_dir=args.tokenizer, teacher_weights=args.teacher)
     print("| metric | value |\n| --- | --- |")
     for key in ("psnr_db", "ssim", "cosine_to_teacher_deepest_third", "probe_accuracy_student",
                 "probe_accuracy_teacher", "probe_gap_points"):
