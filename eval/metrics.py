@@ -40,3 +40,21 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, wind
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     s = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
     return s.flatten(1).mean(1).float()
+
+
+def patch_seam_ratio(pred: torch.Tensor, target: torch.Tensor, patch: int) -> float:
+    """Mean squared error on the pixels at patch borders over that on the patch interiors.
+
+    A patch-wise decoder without global context leaves visible seams at patch borders (the "grid artifacts" of the
+    paper's 0-global-block ablation): they show up as a ratio above 1. Borders are the first and last row and column
+    of every `patch` x `patch` cell.
+    """
+    if patch < 3:
+        raise ValueError(f"patch_seam_ratio needs patches of at least 3 pixels (a border and an interior), got {patch}")
+    err = (pred.double() - target.double()).pow(2).mean(1)  # (B, H, W)
+    rows = torch.arange(err.shape[-2]) % patch
+    cols = torch.arange(err.shape[-1]) % patch
+    row_edge = (rows == 0) | (rows == patch - 1)
+    col_edge = (cols == 0) | (cols == patch - 1)
+    border = row_edge[:, None] | col_edge[None, :]
+    return (err[:, border].mean() / err[:, ~border].mean()).item()

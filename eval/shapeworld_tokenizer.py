@@ -1,5 +1,6 @@
 """Measure a ShapeWorld tokenizer against issue #3's bar: held-out PSNR/SSIM (1 Euler step by default), mean cosine
-to the teacher over the deepest third of the encoder layers, and a linear probe on student vs teacher features.
+to the teacher over the deepest third of the encoder layers, and a linear probe on student vs teacher features; also
+the patch seam ratio (error at patch borders over error inside patches: grid artifacts show as a ratio above 1).
 
     python -m eval.shapeworld_tokenizer --bundle checkpoints/shapeworld [--steps 1] [--out FILE.json]
     python -m eval.shapeworld_tokenizer --tokenizer runs/abl_uniform/export   # another tokenizer, bundle's teacher
@@ -24,10 +25,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from eval.metrics import psnr, ssim
+from eval.metrics import patch_seam_ratio, psnr, ssim
 from uniflow import UniFlowTokenizer
 from uniflow.data.shapeworld import NUM_CLASSES, ShapeWorldDataset
 from uniflow.encoders import VisionEncoder, build_encoder
+from uniflow.errors import UniFlowError
 
 
 def load_teacher(weights: Path, tokenizer: UniFlowTokenizer) -> VisionEncoder:
@@ -79,10 +81,11 @@ def evaluate(bundle: Path, heldout: int = 1000, probe_train: int = 5000, steps: 
     student = tokenizer.encoder
     num_layers = student.num_layers
     deep = list(range(num_layers - math.ceil(num_layers / 3), num_layers))
-    test_set = ShapeWorldDataset("heldout", heldout, seed=0)
-    train_set = ShapeWorldDataset("train", probe_train, seed=0)
+    size = tokenizer.config.encoder.image_size  # ShapeWorld renders at any size; 64 px for the tiny stack
+    test_set = ShapeWorldDataset("heldout", heldout, seed=0, image_size=size)
+    train_set = ShapeWorldDataset("train", probe_train, seed=0, image_size=size)
 
-    psnrs, ssims, cosines = [], [], torch.zeros(num_layers)
+    psnrs, ssims, seams, cosines = [], [], [], torch.zeros(num_layers)
     feats = {"student": [], "teacher": []}
     labels = []
     start = time.time()
@@ -90,6 +93,7 @@ def evaluate(bundle: Path, heldout: int = 1000, probe_train: int = 5000, steps: 
         recon = tokenizer.reconstruct(images, steps=steps, sampler=sampler, seed=seed + len(psnrs))
         psnrs.append(psnr(recon, images))
         ssims.append(ssim(recon, images))
+        seams.append(patch_seam_ratio(recon, images, tokenizer.encoder.patch_size))
         s_states, t_states = features(student, images), features(teacher, images)
         for layer in range(num_layers):
             cosines[layer] += F.cosine_similarity(s_states[layer], t_states[layer], dim=-1).mean(1).sum()
@@ -116,6 +120,7 @@ def evaluate(bundle: Path, heldout: int = 1000, probe_train: int = 5000, steps: 
         "steps": steps,
         "psnr_db": torch.cat(psnrs).mean().item(),
         "ssim": torch.cat(ssims).mean().item(),
+        "patch_seam_ratio": sum(seams) / len(seams),
         "cosine_to_teacher_per_layer": [round(c, 5) for c in cosines.tolist()],
         "deepest_third_layers": [layer + 1 for layer in deep],
         "cosine_to_teacher_deepest_third": cosines[deep].mean().item(),
@@ -139,10 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sampler", choices=["euler", "heun"], default="euler")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
-    result = evaluate(args.bundle, args.heldout, args.probe_train, args.steps, args.sampler,
-                      tokenizer_dir=args.tokenizer, teacher_weights=args.teacher)
+    try:
+        result = evaluate(args.bundle, args.heldout, args.probe_train, args.steps, args.sampler,
+                          tokenizer_dir=args.tokenizer, teacher_weights=args.teacher)
+    except UniFlowError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print("| metric | value |\n| --- | --- |")
-    for key in ("psnr_db", "ssim", "cosine_to_teacher_deepest_third", "probe_accuracy_student",
+    for key in ("psnr_db", "ssim", "patch_seam_ratio", "cosine_to_teacher_deepest_third", "probe_accuracy_student",
                 "probe_accuracy_teacher", "probe_gap_points"):
         print(f"| {key} | {result[key]:.4f} |")
     if args.out:

@@ -23,3 +23,17 @@ def test_identical_images():
     x = torch.rand(1, 3, 16, 16)
     assert torch.isinf(psnr(x, x)).all()
     assert torch.allclose(ssim(x, x), torch.ones(1))
+
+
+def test_patch_seam_ratio_sees_errors_at_patch_borders():
+    from eval.metrics import patch_seam_ratio
+
+    target = torch.zeros(2, 3, 16, 16)
+    uniform = torch.full_like(target, 0.1)
+    assert abs(patch_seam_ratio(uniform, target, 8) - 1.0) < 1e-9
+    seams = uniform.clone()
+    seams[..., 7:9, :] = 0.3  # the rows either side of the border between the two patch rows
+    assert patch_seam_ratio(seams, target, 8) > 2.0
+    interior = uniform.clone()
+    interior[..., 3:5, 3:5] = 0.3
+    assert patch_seam_ratio(interior, target, 8) < 1.0
