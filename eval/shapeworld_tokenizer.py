@@ -85,7 +85,8 @@ def evaluate(bundle: Path, heldout: int = 1000, probe_train: int = 5000, steps: 
     test_set = ShapeWorldDataset("heldout", heldout, seed=0, image_size=size)
     train_set = ShapeWorldDataset("train", probe_train, seed=0, image_size=size)
 
-    psnrs, ssims, seams, cosines = [], [], [], torch.zeros(num_layers)
+    psnrs, ssims, cosines = [], [], torch.zeros(num_layers)
+    pairs = []  # (reconstruction, original) batches: the seam ratio pools the error over all images
     feats = {"student": [], "teacher": []}
     labels = []
     start = time.time()
@@ -93,7 +94,7 @@ def evaluate(bundle: Path, heldout: int = 1000, probe_train: int = 5000, steps: 
         recon = tokenizer.reconstruct(images, steps=steps, sampler=sampler, seed=seed + len(psnrs))
         psnrs.append(psnr(recon, images))
         ssims.append(ssim(recon, images))
-        seams.append(patch_seam_ratio(recon, images, tokenizer.encoder.patch_size))
+        pairs.append((recon, images))
         s_states, t_states = features(student, images), features(teacher, images)
         for layer in range(num_layers):
             cosines[layer] += F.cosine_similarity(s_states[layer], t_states[layer], dim=-1).mean(1).sum()
@@ -120,7 +121,7 @@ def evaluate(bundle: Path, heldout: int = 1000, probe_train: int = 5000, steps: 
         "steps": steps,
         "psnr_db": torch.cat(psnrs).mean().item(),
         "ssim": torch.cat(ssims).mean().item(),
-        "patch_seam_ratio": sum(seams) / len(seams),
+        "patch_seam_ratio": patch_seam_ratio(*(torch.cat(side) for side in zip(*pairs)), tokenizer.encoder.patch_size),
         "cosine_to_teacher_per_layer": [round(c, 5) for c in cosines.tolist()],
         "deepest_third_layers": [layer + 1 for layer in deep],
         "cosine_to_teacher_deepest_third": cosines[deep].mean().item(),
