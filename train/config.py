@@ -198,6 +198,19 @@ def _strip_optional(annotation: Any) -> tuple[Any, bool]:
     return annotation, False
 
 
+def _coerce_number(value: Any, target: type, where: str) -> int | float:
+    """An int or float from a number or its text; bools are not numbers, and a float is an int only when whole."""
+    if isinstance(value, str):
+        try:
+            return target(value)
+        except ValueError:
+            pass
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            target is float or isinstance(value, int) or value.is_integer()):
+        return target(value)
+    raise ConfigError(f"{where}: expected {'an integer' if target is int else 'a number'}, got {value!r}")
+
+
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Check and convert a value to the field's type: ints widen to floats, text numbers parse, lists become tuples."""
     target, optional = _strip_optional(annotation)
@@ -216,28 +229,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
             return value.lower() in ("true", "yes", "1", "on")
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if target is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if target is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if target in (int, float):
+        return _coerce_number(value, target, where)
     if target is str:
         return value if isinstance(value, str) else str(value)
     if origin is tuple:
