@@ -12,7 +12,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from eval.metrics import psnr, ssim
+    from uniflow.metrics import psnr, ssim
     from uniflow import UniFlowTokenizer
     from uniflow.images import load_image, resize_center_crop, to_batch, to_pil
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from eval.metrics import patch_seam_ratio, psnr, ssim
+from uniflow.metrics import patch_seam_ratio, psnr, ssim
 from uniflow import UniFlowTokenizer
 from uniflow.data.shapeworld import NUM_CLASSES, ShapeWorldDataset
 from uniflow.encoders import VisionEncoder, build_encoder

@@ -2,11 +2,12 @@
 
 import torch
 
-from eval.metrics import psnr
 from tests.helpers import tiny_tokenizer_config
 from uniflow import UniFlowTokenizer
 from uniflow.data.shapeworld import ShapeWorldDataset
+from uniflow.distill import FrozenTeacher
 from uniflow.flow import FlowConfig
+from uniflow.metrics import psnr
 
 STEPS = 250
 
@@ -17,7 +18,7 @@ def test_flow_loss_falls_and_psnr_rises():
                                    head_width=128, head_depth=2)
     config.flow = FlowConfig(logit_normal_prob=0.0)  # uniform times: the 1-step decoder sees t = 0 often enough
     model = UniFlowTokenizer(config)
-    model.attach_teacher()
+    teacher = FrozenTeacher(model.encoder)
     data = ShapeWorldDataset("train", 64, seed=0, image_size=32)
     images = torch.stack([data[i]["image"] for i in range(64)])
 
@@ -31,7 +32,8 @@ def test_flow_loss_falls_and_psnr_rises():
         for group in opt.param_groups:
             group["lr"] = 2e-3 * min(1.0, (step + 1) / 20)
         batch = images[torch.randint(0, 64, (32,))]
-        out = model.loss(batch)
+        pixels = model.encoder.normalize(batch)
+        out = model.loss(pixels, teacher(pixels))
         opt.zero_grad()
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

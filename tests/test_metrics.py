@@ -2,7 +2,7 @@ import numpy as np
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from eval.metrics import psnr, ssim
+from uniflow.metrics import psnr, ssim
 
 
 def test_psnr_and_ssim_match_scikit_image():
@@ -26,7 +26,7 @@ def test_identical_images():
 
 
 def test_patch_seam_ratio_sees_errors_at_patch_borders():
-    from eval.metrics import patch_seam_ratio
+    from uniflow.metrics import patch_seam_ratio
 
     target = torch.zeros(2, 3, 16, 16)
     uniform = torch.full_like(target, 0.1)

@@ -6,6 +6,7 @@ from PIL import Image
 from tests.helpers import tiny_tokenizer_config
 from uniflow import UniFlowTokenizer
 from uniflow.decoder import patchify, unpatchify
+from uniflow.distill import FrozenTeacher
 from uniflow.errors import CheckpointError, ConfigError, ImageInputError
 from uniflow.tokenizer import TokenizerConfig
 
@@ -50,26 +51,28 @@ def test_non_native_size_decodes(model):
 
 
 def test_loss_terms_and_gradients(model):
-    model.attach_teacher()
+    teacher = FrozenTeacher(model.encoder)
     model.train()
-    out = model.loss(torch.rand(2, 3, 32, 32))
+    teacher.train()
+    assert not teacher.training  # the teacher stays in eval mode
+    pixels = model.prepare(torch.rand(2, 3, 32, 32))
+    out = model.loss(pixels, teacher(pixels))
     assert out.alpha.shape == (2,) and out.weights.shape == (2,)
     assert abs(out.distill.item()) < 1e-5  # student == teacher at the start
     assert torch.allclose(out.loss, out.flow + out.distill)
     out.loss.backward()
     assert model.encoder.model.patch_embed.proj.weight.grad is not None
-    assert all(p.grad is None for p in model.teacher.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
     metrics = out.metrics()
     assert {"loss", "flow", "distill", "alpha_1", "w_2"} <= set(metrics)
-    model.teacher = None
+    with pytest.raises(ConfigError, match="teacher_states"):
+        model.loss(pixels)
     model.zero_grad()
     model.eval()
 
 
 def test_save_load_bit_identical(model, tmp_path):
-    model.attach_teacher()
     model.save_pretrained(tmp_path / "tok")
-    model.teacher = None
     loaded = UniFlowTokenizer.from_pretrained(tmp_path / "tok")
     imgs = torch.rand(2, 3, 32, 32)
     a = model.reconstruct(imgs, seed=3)

@@ -154,9 +154,9 @@ def test_tokenizer_single_process_ema_teacher_and_export(tmp_path: Path) -> None
     assert in_optimizer == trainable
     seed_all(cfg.seed)
     initial = result.task.build_model()
-    teacher = module.tokenizer.teacher
+    teacher = module.teacher
     assert all(not p.requires_grad for p in teacher.parameters())
-    for (name, p), q in zip(teacher.named_parameters(), initial.tokenizer.teacher.parameters()):
+    for (name, p), q in zip(teacher.named_parameters(), initial.teacher.parameters()):
         assert torch.equal(p, q), name
     assert not torch.equal(module.tokenizer.encoder.model.pos_embed, initial.tokenizer.encoder.model.pos_embed)
 

@@ -1,8 +1,8 @@
 """Task "tokenizer": adapt a pretrained encoder into the UniFlow tokenizer (self-distillation + pixel flow decoder).
 
 The model section is a preset name plus TokenizerConfig overrides; `model.encoder.pretrained` names the encoder
-weights (e.g. the export of the "encoder" task). The frozen teacher is a copy of that encoder, attached before
-DeepSpeed sees the model and excluded from the optimizer. Evaluation reports held-out PSNR of 1-step (the config's
+weights (e.g. the export of the "encoder" task). The frozen teacher is a copy of that encoder, held by the training
+module (not the tokenizer) and excluded from the optimizer. Evaluation reports held-out PSNR of 1-step (the config's
 default) reconstructions and writes a grid PNG: held-out images on top, reconstructions below.
 """
 
@@ -18,22 +18,26 @@ import torch
 from PIL import Image
 from torch import nn
 
-from eval.metrics import psnr
 from train.distributed import all_reduce_sum
 from train.tasks import EvalContext, Task, autocast_for, heldout_batches, model_section, module_device_dtype
 from uniflow.checkpoint import load_state_strict
+from uniflow.distill import FrozenTeacher
 from uniflow.errors import ConfigError
+from uniflow.metrics import psnr
 from uniflow.tokenizer import TokenizerConfig, UniFlowTokenizer
 
 EVAL_SEED = 1234  # decoder noise of the periodic evaluation: fixed, and independent of the training RNG
 
 
 class TokenizerTrainModule(nn.Module):
-    """Wraps the tokenizer so DeepSpeed's forward runs both the loss and the evaluation reconstructions."""
+    """The tokenizer plus, when distilling, its frozen teacher (a copy of the initial encoder). DeepSpeed's forward
+    runs both the loss and the evaluation reconstructions. The teacher lives here, not in the tokenizer: inference
+    folders never hold it, and it is excluded from the optimizer and from training checkpoints (it is frozen)."""
 
-    def __init__(self, tokenizer: UniFlowTokenizer) -> None:
+    def __init__(self, tokenizer: UniFlowTokenizer, distill: bool) -> None:
         super().__init__()
         self.tokenizer = tokenizer
+        self.teacher = FrozenTeacher(tokenizer.encoder) if distill else None
 
     def forward(self, batch: dict[str, Any], mode: str = "loss", steps: int | None = None, seed: int = EVAL_SEED
                 ) -> Any:
@@ -42,7 +46,9 @@ class TokenizerTrainModule(nn.Module):
         with autocast_for(dtype, device):
             if mode == "reconstruct":
                 return self.tokenizer.reconstruct(images, steps=steps, seed=seed).float()
-            out = self.tokenizer.loss(images)
+            pixels = self.tokenizer.encoder.normalize(images)
+            teacher_states = self.teacher(pixels) if self.teacher is not None else None
+            out = self.tokenizer.loss(pixels, teacher_states)
         metrics = {"loss": out.loss.detach().float(), "flow": out.flow.float(), "distill": out.distill.float()}
         for i, (a, w) in enumerate(zip(out.alpha.float(), out.weights.float()), start=1):
             metrics[f"alpha_{i}"] = a.detach()
@@ -103,12 +109,10 @@ class TokenizerTask(Task):
         tokenizer = UniFlowTokenizer(self.tokenizer_config)
         if self.config.gradient_checkpointing:
             tokenizer.encoder.set_grad_checkpointing(True)
-        if self.tokenizer_config.distill_weight > 0:
-            tokenizer.attach_teacher()
-        return TokenizerTrainModule(tokenizer)
+        return TokenizerTrainModule(tokenizer, distill=self.tokenizer_config.distill_weight > 0)
 
     def export_key(self, name: str) -> bool:
-        return not name.startswith("tokenizer.teacher.")
+        return name.startswith("tokenizer.")
 
     @torch.no_grad()
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
@@ -143,8 +147,7 @@ class TokenizerTask(Task):
     def export(self, state_dict: dict[str, torch.Tensor], out_dir: Path, dtype: torch.dtype | None,
                metrics: dict[str, float]) -> Path:
         prefix = "tokenizer."
-        weights = {k[len(prefix):]: v for k, v in state_dict.items()
-                   if k.startswith(prefix) and not k.startswith(prefix + "teacher.")}
+        weights = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         model = UniFlowTokenizer.from_config(self.tokenizer_config, load_pretrained_encoder=False)
-        load_state_strict(model, weights, f"training state of {self.config.run_dir}", ignore_prefixes=("teacher.",))
+        load_state_strict(model, weights, f"training state of {self.config.run_dir}")
         return model.save_pretrained(out_dir, dtype=dtype)

@@ -7,9 +7,6 @@ folder or the new one, never a half-written mix. Weights are safetensors only: l
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,35 +16,10 @@ from safetensors.torch import load_file, save_file
 
 from uniflow.configs import read_json
 from uniflow.errors import CheckpointError
+from uniflow.fileio import atomic_write_dir
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-
-
-def atomic_write_dir(dest: str | Path, write: Any) -> Path:
-    """Call write(tmp_dir) on a sibling temporary folder, then swap it into `dest`."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp creates 0700; a shipped checkpoint should be readable by others
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                os.chmod(f, 0o644)
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        old = None
-        if dest.exists():
-            old = dest.parent / f".{dest.name}.old-{os.getpid()}"
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
 
 
 def save_folder(dest: str | Path, config: dict[str, Any], state_dict: dict[str, torch.Tensor],

@@ -112,8 +112,7 @@ def convert_release_state(state: Mapping[str, torch.Tensor],
     ours = {rename_release_key(k): v for k, v in state.items()}
     with torch.device("meta"):
         model = UniFlowTokenizer.from_config(config, load_pretrained_encoder=False)
-    load_state_strict(model, ours, "release checkpoint (after renaming)", ignore_prefixes=("teacher.",),
-                      check_only=True)
+    load_state_strict(model, ours, "release checkpoint (after renaming)", check_only=True)
     return config, ours
 
 

@@ -9,11 +9,13 @@ Deep layers carry the semantics and get the larger prior weight; a layer that dr
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from uniflow.errors import ConfigError
 
@@ -71,3 +73,24 @@ def distillation_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.T
     alpha = layer_alignment(student, [t.detach() for t in teacher])
     weights = layer_weights(alpha, config.weighting, config.beta)
     return DistillResult(loss=(weights * alpha).sum(), alpha=alpha.detach(), weights=weights)
+
+
+class FrozenTeacher(nn.Module):
+    """The distillation teacher: a frozen copy of the initial encoder, always in eval mode and without gradients.
+
+    It belongs to the training module (never to the inference tokenizer), so no checkpoint carries it twice.
+    """
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = copy.deepcopy(encoder)
+        self.encoder.requires_grad_(False)
+        self.encoder.eval()
+
+    def train(self, mode: bool = True) -> FrozenTeacher:
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        """Hidden states of every layer for normalised pixels."""
+        return self.encoder(pixels).hidden_states

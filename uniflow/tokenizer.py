@@ -7,8 +7,8 @@ loss:   lambda_d * layer-wise adaptive self-distillation + lambda_f * per-patch 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,21 +87,6 @@ class UniFlowTokenizer(nn.Module):
             if isinstance(sub, nn.Linear):
                 nn.init.xavier_uniform_(sub.weight)
                 nn.init.zeros_(sub.bias)
-        self.teacher: nn.Module | None = None
-
-    # ----------------------------------------------------------------- teacher
-    def attach_teacher(self) -> None:
-        """Freeze a copy of the current encoder as the distillation teacher (call once, before fine-tuning)."""
-        teacher = copy.deepcopy(self.encoder)
-        teacher.requires_grad_(False)
-        teacher.eval()
-        self.teacher = teacher
-
-    def train(self, mode: bool = True) -> UniFlowTokenizer:
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
-        return self
 
     # ----------------------------------------------------------------- inputs
     @property
@@ -127,17 +112,22 @@ class UniFlowTokenizer(nn.Module):
         tokens = out.last
         return Encoded(self.to_latent(tokens), tokens, out.grid), out.hidden_states
 
-    def loss(self, images: torch.Tensor | ImageLike | list[ImageLike]) -> TokenizerLoss:
-        """Training objective on a batch; float tensors in [0, 1] of shape (B, 3, H, W) or any accepted image."""
-        pixels = self.prepare(images)
+    def loss(self, pixels: torch.Tensor, teacher_states: Sequence[torch.Tensor] | None = None) -> TokenizerLoss:
+        """Training objective on prepared pixels: (B, 3, H, W) already normalised (`prepare`, or
+        `encoder.normalize` of [0, 1] images), sides divisible by the patch size. No input checks here: a training
+        step must not sync the device to validate its batch.
+
+        teacher_states: the frozen teacher's hidden states on the same pixels (`uniflow.distill.FrozenTeacher`, a
+        copy of the initial encoder); required when `distill_weight > 0`. The teacher lives with the training module,
+        never in the inference model.
+        """
         encoded, student_states = self._encode_normalized(pixels)
         flow_loss = self.decoder.loss(encoded.latents, pixels, encoded.grid, self.config.flow)
         num_layers = len(student_states)
         if self.config.distill_weight > 0:
-            if self.teacher is None:
-                raise RuntimeError("distillation needs a teacher: call attach_teacher() before training")
-            with torch.no_grad():
-                teacher_states = self.teacher(pixels).hidden_states
+            if teacher_states is None:
+                raise ConfigError("distill_weight > 0 needs the teacher's hidden states: pass teacher_states (the "
+                                  "training module's frozen copy of the initial encoder), or set distill_weight: 0")
             dist = distillation_loss(student_states, teacher_states, self.config.distill)
             dist_loss, alpha, weights = dist.loss, dist.alpha, dist.weights
         else:
@@ -190,12 +180,8 @@ class UniFlowTokenizer(nn.Module):
         return self.decode(encoded.latents, encoded.grid, steps, sampler, seed, output="pil" if as_pil else "tensor")
 
     # ----------------------------------------------------------------- io
-    def inference_state_dict(self) -> dict[str, torch.Tensor]:
-        """Weights without the teacher (it is a copy of the initial encoder and is never saved twice)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
-
     def save_pretrained(self, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
-        return checkpoint.save_folder(folder, self.config.to_dict(), self.inference_state_dict(), dtype)
+        return checkpoint.save_folder(folder, self.config.to_dict(), self.state_dict(), dtype)
 
     @classmethod
     def from_config(cls, config: TokenizerConfig, load_pretrained_encoder: bool = True) -> UniFlowTokenizer:
@@ -211,6 +197,5 @@ class UniFlowTokenizer(nn.Module):
         weights = checkpoint.read_weights(folder)
         model = cls.from_config(config, load_pretrained_encoder=False)
         model.config = config
-        checkpoint.load_state_strict(model, weights, str(folder / checkpoint.WEIGHTS_NAME),
-                                     ignore_prefixes=("teacher.",))
+        checkpoint.load_state_strict(model, weights, str(folder / checkpoint.WEIGHTS_NAME))
         return model.to(device=device, dtype=dtype).eval()
