@@ -90,8 +90,11 @@ def test_flow_loss_matches_target_for_perfect_field():
 def test_bad_sampler_settings():
     with pytest.raises(ConfigError, match="unknown sampler"):
         flow.sample(lambda x, t: x, torch.zeros(1, 1), sampler="rk4")
-    with pytest.raises(ConfigError, match="positive integer"):
-        flow.sample(lambda x, t: x, torch.zeros(1, 1), steps=0)
+    for steps in (0, -1, True, 1.5, flow.MAX_STEPS + 1):
+        with pytest.raises(ConfigError, match=r"integer in \[1, 1000\]"):
+            flow.sample(lambda x, t: x, torch.zeros(1, 1), steps=steps)
+    with pytest.raises(ConfigError, match="unknown sampler ''"):
+        flow.check_sampler("", 1)
     with pytest.raises(ConfigError):
         flow.FlowConfig(logit_normal_prob=2.0)
 

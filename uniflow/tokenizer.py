@@ -157,8 +157,8 @@ class UniFlowTokenizer(nn.Module):
             grid = (side, side)
         if grid[0] * grid[1] != n:
             raise ImageInputError(f"grid {grid} has {grid[0] * grid[1]} cells but latents have {n} tokens")
-        steps = steps or self.config.flow.sample_steps
-        sampler = sampler or self.config.flow.sampler
+        steps = self.config.flow.sample_steps if steps is None else steps  # 0 is an error, never "the default"
+        sampler = self.config.flow.sampler if sampler is None else sampler
         check_sampler(sampler, steps)
         if generator is None and seed is not None:
             generator = torch.Generator().manual_seed(seed)
