@@ -25,11 +25,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from uniflow.metrics import patch_seam_ratio, psnr, ssim
 from uniflow import UniFlowTokenizer
+from uniflow.checkpoint import check_output_dir
+from uniflow.configs import check_int
 from uniflow.data.shapeworld import NUM_CLASSES, ShapeWorldDataset
 from uniflow.encoders import VisionEncoder, build_encoder
-from uniflow.errors import UniFlowError
+from uniflow.errors import OutputError, UniFlowError
+from uniflow.fileio import atomic_write_text
+from uniflow.metrics import patch_seam_ratio, psnr, ssim
 
 
 def load_teacher(weights: Path, tokenizer: UniFlowTokenizer) -> VisionEncoder:
@@ -144,10 +147,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--sampler", choices=["euler", "heun"], default="euler")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the decoder noise")
     args = parser.parse_args(argv)
     try:
+        # every numeric option is range-checked here, before any compute: `--steps 0` is an error, never "1 step"
+        check_int("--heldout", args.heldout, 1)
+        check_int("--probe-train", args.probe_train, 1)
+        check_int("--steps", args.steps, 1, 10_001)
+        check_int("--batch-size", args.batch_size, 1)
+        check_int("--seed", args.seed, 0, 2**63)
+        if args.out is not None:
+            if args.out.is_dir():
+                raise OutputError(f"--out: {args.out} is a folder, expected a JSON file path")
+            check_output_dir(args.out.parent, "--out")
         result = evaluate(args.bundle, args.heldout, args.probe_train, args.steps, args.sampler,
-                          tokenizer_dir=args.tokenizer, teacher_weights=args.teacher)
+                          batch_size=args.batch_size, seed=args.seed, tokenizer_dir=args.tokenizer,
+                          teacher_weights=args.teacher)
     except UniFlowError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -156,8 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                 "probe_accuracy_teacher", "probe_gap_points"):
         print(f"| {key} | {result[key]:.4f} |")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     return 0
 
 

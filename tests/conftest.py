@@ -20,3 +20,24 @@ def _seed_everything():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def shared_tokenizer(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny random tokenizer saved once per session: (model, folder). Tests must not modify either."""
+    from tests.helpers import tiny_tokenizer_config
+    from uniflow import UniFlowTokenizer
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("shared") / "tok"
+    UniFlowTokenizer(tiny_tokenizer_config()).save_pretrained(folder)
+    return UniFlowTokenizer.from_pretrained(folder), folder
+
+
+@pytest.fixture
+def ctx(tmp_path, shared_tokenizer, monkeypatch: pytest.MonkeyPatch, capsys):
+    """The context of one bad-input case (tests/test_bad_inputs*.py)."""
+    from tests.helpers import Ctx
+
+    monkeypatch.delenv("UNIFLOW_MAX_PIXELS", raising=False)
+    return Ctx(tmp_path, shared_tokenizer[0], shared_tokenizer[1], monkeypatch, capsys)

@@ -1,8 +1,13 @@
 """Tiny configurations shared by the tests (importable as `tests.helpers`)."""
 
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
 from uniflow.decoder import DecoderConfig
 from uniflow.encoders import EncoderConfig
-from uniflow.tokenizer import TokenizerConfig
+from uniflow.tokenizer import TokenizerConfig, UniFlowTokenizer
 
 
 def tiny_tokenizer_config(width: int = 48, depth: int = 2, image_size: int = 32, patch: int = 8,
@@ -14,3 +19,14 @@ def tiny_tokenizer_config(width: int = 48, depth: int = 2, image_size: int = 32,
         decoder=DecoderConfig(latent_channels=16, global_depth=global_depth, global_heads=2,
                               head_width=head_width, head_depth=head_depth),
     )
+
+
+@dataclass
+class Ctx:
+    """What a bad-input case gets: its own folder, the shared tiny tokenizer (and its folder), monkeypatch, capsys."""
+
+    tmp: Path
+    tok: UniFlowTokenizer
+    tok_dir: Path
+    monkeypatch: pytest.MonkeyPatch
+    capsys: pytest.CaptureFixture[str]

@@ -40,13 +40,15 @@ def test_reconstruct_prints_psnr_ssim(tmp_path):
     lines = [line for line in proc.stdout.splitlines() if line.startswith(str(tmp_path))]
     assert len(lines) == 3
     for line in lines:
-        psnr, ssim = map(float, line.split()[-2:])
+        psnr, ssim = map(float, line.split()[1:3])
         assert 0 < psnr < 60 and -1 <= ssim <= 1
     assert "mean" in proc.stdout
     assert len(list((tmp_path / "out").glob("*_recon.png"))) == 3
 
     bad = run("reconstruct", str(odd), "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "out"))
     assert bad.returncode == 2 and "not divisible by the patch size 8" in bad.stderr and "Traceback" not in bad.stderr
+    assert "--resize" in bad.stderr and "45x37" in bad.stderr
+    assert [line.startswith("error:") for line in bad.stderr.splitlines()].count(True) == 1
     resized = run("reconstruct", str(odd), "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "out"),
                   "--resize")
     assert resized.returncode == 0, resized.stderr
@@ -55,7 +57,7 @@ def test_reconstruct_prints_psnr_ssim(tmp_path):
     corrupt.write_bytes(b"\xff\xd8\xff garbage")
     proc = run("reconstruct", str(corrupt), "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "out"))
     assert proc.returncode == 2 and "corrupt.jpg" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run("reconstruct", str(paths[0]), "--tokenizer", str(tmp_path / "nope"), "--out", str(tmp_path / "out"))
+    proc = run("reconstruct", str(paths[0]), "--tokenizer", str(tmp_path / "nope"), "--out", str(tmp_path / "out2"))
     assert proc.returncode == 2 and "not found" in proc.stderr
 
 

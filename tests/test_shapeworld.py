@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from app.data_cli import add_cli
 from uniflow.data.shapeworld import (
     COLOUR_RGB,
     COLOURS,
@@ -24,13 +25,12 @@ from uniflow.data.shapeworld import (
     SIZE_WORDS,
     ShapeWorldDataset,
     ShapeWorldSample,
-    add_cli,
     class_label,
     class_name,
     render_sample,
     write_shapeworld,
 )
-from uniflow.errors import UniFlowError
+from uniflow.errors import OutputError, UniFlowError
 
 N = 2 * NUM_CLASSES * 5  # enough for every class several times, cheap to render
 
@@ -205,6 +205,26 @@ def test_cli_writes_both_splits(tmp_path: Path, capsys: pytest.CaptureFixture[st
         assert len((tmp_path / f"{split}.jsonl").read_text().splitlines()) == 3
         assert (tmp_path / f"{split}_llava.json").is_file()
     assert str(tmp_path) in capsys.readouterr().out
+
+
+def test_writer_refuses_foreign_folder_and_regenerates_without_stale_files(tmp_path: Path) -> None:
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="not written by"):
+        write_shapeworld(foreign, num=2, split="train", progress=False)
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+
+    out = write_shapeworld(tmp_path / "sw", num=6, seed=1, split="train", progress=False)
+    (out / "keep.txt").write_text("user file")
+    with pytest.raises(OutputError, match="--overwrite"):
+        write_shapeworld(out, num=2, seed=2, split="train", progress=False)
+    write_shapeworld(out, num=2, seed=2, split="train", progress=False, overwrite=True)
+    assert len(list((out / "train").rglob("*.png"))) == 2  # the 4 images of the first generation are gone
+    assert len((out / "train.jsonl").read_text().splitlines()) == 2
+    assert (out / "keep.txt").read_text() == "user file"
+    write_shapeworld(out, num=1, split="heldout", progress=False)  # another split: no --overwrite needed
+    assert len(list((out / "train").rglob("*.png"))) == 2
 
 
 def test_generation_speed(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,4 +1,4 @@
-"""Datasets the project trains and evaluates on without any download (see DESIGN.md section 8)."""
+"""Datasets the project trains and evaluates on without any download (see docs/architecture.md)."""
 
 from uniflow.data.shapeworld import (
     COLOURS,

@@ -17,10 +17,10 @@ Design choices that keep the labels honest:
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from uniflow.errors import UniFlowError
+from uniflow.checkpoint import check_output_dir
+from uniflow.configs import check_int
+from uniflow.errors import OutputError, UniFlowError
+from uniflow.fileio import atomic_write_file, atomic_write_text, is_temporary
+from uniflow.images import pil_to_tensor
 
 IMAGE_SIZE = 64
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "star", "cross")
@@ -455,8 +459,7 @@ class ShapeWorldDataset(torch.utils.data.Dataset):
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:
-    arr = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+    return pil_to_tensor(image)
 
 
 def _llava_record(sample: ShapeWorldSample, rel_path: str) -> dict[str, Any]:
@@ -468,22 +471,55 @@ def _llava_record(sample: ShapeWorldSample, rel_path: str) -> dict[str, Any]:
     return {"id": f"{sample.split}-{sample.index:06d}", "image": rel_path, "conversations": conversations}
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+MANIFEST_NAME = ".uniflow-shapeworld.json"
+
+
+def _check_dataset_dest(out: Path, split: str, overwrite: bool) -> dict[str, Any]:
+    """The manifest of `out` after checking that writing `split` there loses nothing the writer did not produce."""
+    check_output_dir(out, "--out")
+    manifest_path = out / MANIFEST_NAME
+    manifest: dict[str, Any] = {"kind": "shapeworld", "splits": {}}
+    if manifest_path.is_file():
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
+                raise ValueError("not a manifest")
+        except (ValueError, OSError):
+            raise OutputError(f"{manifest_path}: damaged ShapeWorld manifest; remove it or choose another folder") \
+                from None
+    elif out.is_dir() and any(not is_temporary(p.name) for p in out.iterdir()):
+        raise OutputError(f"--out: {out} is not empty and was not written by `uniflow data shapes`; choose a new or "
+                          f"empty folder")
+    if split in manifest["splits"] and not overwrite:
+        raise OutputError(f"--out: {out} already holds a ShapeWorld {split} split; pass --overwrite (overwrite=True "
+                          f"in Python) to regenerate it")
+    return manifest
 
 
 def write_shapeworld(
-    out_dir: str | os.PathLike[str], num: int, seed: int = 0, split: str = "train", progress: bool = True
+    out_dir: str | os.PathLike[str], num: int, seed: int = 0, split: str = "train", progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Write samples 0..num-1 of a split to disk for tools that want files: an ImageNet-layout folder
     `<split>/<class_name>/<index>.png`, metadata `<split>.jsonl` and LLaVA conversations `<split>_llava.json`.
-    Paths inside both files are relative to `out_dir`. Returns `out_dir`."""
+    Paths inside both files are relative to `out_dir`. Returns `out_dir`.
+
+    A hidden manifest (`.uniflow-shapeworld.json`) marks the folder as ours: writing into a non-empty folder without
+    it is refused, and regenerating a split (overwrite=True) first removes that split's earlier files, so no stale
+    image survives; files of other splits and files the writer did not produce are left alone."""
     _check_split(split)
-    if num < 0:
-        raise UniFlowError(f"write_shapeworld num must be >= 0, got {num}")
+    check_int("num", num, 0)
+    check_int("seed", seed, 0, 2**63)
     out = Path(out_dir)
+    manifest = _check_dataset_dest(out, split, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    if split in manifest["splits"]:
+        shutil.rmtree(out / split, ignore_errors=True)
+        for name in (f"{split}.jsonl", f"{split}_llava.json"):
+            (out / name).unlink(missing_ok=True)
+    # recorded before the first image, so a killed run still leaves a folder the next run recognises as its own
+    manifest["splits"][split] = {"num": num, "seed": seed, "complete": False}
+    atomic_write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
     (out / split).mkdir(parents=True, exist_ok=True)
     indices: Any = range(num)
     if progress:
@@ -495,41 +531,11 @@ def write_shapeworld(
     for i in indices:
         s = render_sample(seed, split, i)
         rel = f"{split}/{s.class_name.replace(' ', '_')}/{i:06d}.png"
-        path = out / rel
-        path.parent.mkdir(exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        s.image.save(tmp, format="PNG")
-        os.replace(tmp, path)
+        atomic_write_file(out / rel, lambda tmp, image=s.image: image.save(tmp, format="PNG"))
         lines.append(json.dumps({"image": rel, **s.to_json()}))
         llava.append(_llava_record(s, rel))
-    _atomic_write_text(out / f"{split}.jsonl", "".join(line + "\n" for line in lines))
-    _atomic_write_text(out / f"{split}_llava.json", json.dumps(llava, indent=1))
+    atomic_write_text(out / f"{split}.jsonl", "".join(line + "\n" for line in lines))
+    atomic_write_text(out / f"{split}_llava.json", json.dumps(llava, indent=1))
+    manifest["splits"][split]["complete"] = True
+    atomic_write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
     return out
-
-
-def _cli_shapes(args: argparse.Namespace) -> int:
-    splits = list(SPLITS) if args.split == "both" else [args.split]
-    for split in splits:
-        out = write_shapeworld(args.out, args.num, seed=args.seed, split=split, progress=not args.no_progress)
-        print(
-            f"wrote {args.num} ShapeWorld {split} images to {out / split}/, "
-            f"metadata {out / (split + '.jsonl')}, conversations {out / (split + '_llava.json')}"
-        )
-    return 0
-
-
-def add_cli(subparsers: Any) -> argparse.ArgumentParser:
-    """Register `shapes` on an argparse subparsers object (wired as `uniflow data shapes`)."""
-    p = subparsers.add_parser(
-        "shapes",
-        help="write the procedural ShapeWorld dataset to disk",
-        description="Render ShapeWorld images (ImageNet folder layout) with JSON-lines metadata and LLaVA-format "
-        "question-answer conversations. Training reads the data on demand; this is for inspection and other tools.",
-    )
-    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
-    p.add_argument("--num", type=int, default=1000, metavar="N", help="images per split (default 1000)")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="dataset seed (default 0)")
-    p.add_argument("--split", choices=[*SPLITS, "both"], default="both", help="which split(s) to write")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.set_defaults(func=_cli_shapes)
-    return p
