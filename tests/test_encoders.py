@@ -310,3 +310,45 @@ def test_internvit_computes_what_transformers_internvl_vision_computes(tmp_path)
     loaded = build_encoder(dataclasses.replace(CONFIGS["internvit"], pretrained=str(path))).eval()
     with torch.no_grad():
         _outputs_equal(loaded(x), enc(x), atol=0)
+
+
+# --- chosen layers ------------------------------------------------------------------------------------------------
+
+
+def _blocks(enc) -> list[torch.nn.Module]:
+    """The encoder's transformer blocks, per backend."""
+    if type(enc).__name__ == "TimmEncoder":
+        return list(enc.model.blocks)
+    if type(enc).__name__ == "InternViTEncoder":
+        return list(enc.encoder.layers)
+    return list(enc.model.get_submodule(".".join(enc._blocks_at)))
+
+
+@torch.no_grad()
+def _blocks_run(enc, x: torch.Tensor, layers: list[int]):
+    """The output for `layers` and the indices of the blocks that ran, in order."""
+    calls: list[int] = []
+    hooks = [b.register_forward_hook(lambda m, i, o, k=k: calls.append(k)) for k, b in enumerate(_blocks(enc))]
+    try:
+        return enc(x, layers=layers), calls
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_chosen_layers_match_and_stop_early(name: str) -> None:
+    """encoder(x, layers=...) returns exactly those layers' tokens and runs no block past the deepest one."""
+    enc, x = build_encoder(CONFIGS[name]).eval(), torch.randn(2, 3, 32, 48)
+    full, all_calls = _blocks_run(enc, x, list(range(L)))
+    first, calls = _blocks_run(enc, x, [0])
+    assert all_calls == list(range(L)) and calls == [0]  # block 1 never ran
+    assert first.layers == (0,) and len(first.hidden_states) == 1
+    torch.testing.assert_close(first.last, full.hidden_states[0], atol=1e-5, rtol=1e-4)
+    picked, _ = _blocks_run(enc, x, [-1, 0])
+    assert picked.layers == (L - 1, 0)
+    torch.testing.assert_close(picked.hidden_states[0], full.hidden_states[-1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(picked.hidden_states[1], full.hidden_states[0], atol=1e-5, rtol=1e-4)
+    assert len(_blocks(enc)) == L  # the hf backend restores its full block list
+    with pytest.raises(ConfigError, match="out of range"):
+        enc(x, layers=[L])

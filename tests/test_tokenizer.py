@@ -113,7 +113,7 @@ def test_tiny_image_and_bad_tensors(model):
         model.encode(torch.full((1, 3, 32, 32), 7.0))
     with pytest.raises(ImageInputError, match="channels"):
         model.encode(torch.rand(1, 5, 32, 32))
-    with pytest.raises(ImageInputError, match="latents must have shape"):
+    with pytest.raises(ImageInputError, match=r"latents: expected shape \(B, N, 16\)"):
         model.decode(torch.rand(1, 16, 3))
 
 

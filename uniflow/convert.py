@@ -16,40 +16,43 @@ from pathlib import Path
 import torch
 
 from uniflow.checkpoint import load_state_strict, read_safetensors, save_folder
+from uniflow.encoders.base import rename_keys
+from uniflow.encoders.internvit import extract_encoder_state
 from uniflow.errors import CheckpointError
 from uniflow.presets import get_preset
 from uniflow.tokenizer import TokenizerConfig, UniFlowTokenizer
 
-# (release pattern, our replacement); applied in order, first match wins.
-_RULES: tuple[tuple[str, str], ...] = (
-    (r"^(embeddings\..+)$", r"encoder.\1"),
-    (r"^(encoder\.layers\..+)$", r"encoder.\1"),
-    (r"^chal_proj\.c_fc\.", "to_latent.0."),
-    (r"^chal_proj\.c_proj\.", "to_latent.2."),
-    (r"^chal_unproj\.c_fc\.", "decoder.from_latent.0."),
-    (r"^chal_unproj\.c_proj\.", "decoder.from_latent.2."),
-    (r"^global_block_pos_embed$", "decoder.global_pos_embed"),
-    (r"^global_blocks\.(\d+)\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.", r"decoder.global_blocks.\1.\2."),
-    (r"^decoder_pos_embed$", "decoder.decoder_pos_embed"),
-    (r"^flow_head\.net\.input_proj\.", "decoder.flow_head.input_proj."),
-    (r"^flow_head\.net\.cond_embed\.", "decoder.flow_head.cond_embed."),
-    (r"^flow_head\.net\.time_embed\.mlp\.([02])\.", r"decoder.flow_head.time_embed.mlp.\1."),
-    (r"^flow_head\.net\.res_blocks\.(\d+)\.in_ln\.", r"decoder.flow_head.blocks.\1.norm."),
-    (r"^flow_head\.net\.res_blocks\.(\d+)\.mlp\.([02])\.", r"decoder.flow_head.blocks.\1.mlp.\2."),
-    (r"^flow_head\.net\.res_blocks\.(\d+)\.adaLN_modulation\.1\.", r"decoder.flow_head.blocks.\1.ada."),
-    (r"^flow_head\.net\.final_layer\.linear\.", "decoder.flow_head.final.linear."),
-    (r"^flow_head\.net\.final_layer\.adaLN_modulation\.1\.", "decoder.flow_head.final.ada."),
-)
+# The release's decoder-side names -> ours ({pattern: replacement}, first match wins). Its encoder keeps InternViT's
+# own names, which `uniflow.encoders.internvit.extract_encoder_state` checks and maps (one set of encoder rules).
+_DECODER_RULES = {
+    r"^chal_proj\.c_fc\.": "to_latent.0.",
+    r"^chal_proj\.c_proj\.": "to_latent.2.",
+    r"^chal_unproj\.c_fc\.": "decoder.from_latent.0.",
+    r"^chal_unproj\.c_proj\.": "decoder.from_latent.2.",
+    r"^global_block_pos_embed$": "decoder.global_pos_embed",
+    r"^global_blocks\.(\d+)\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.": r"decoder.global_blocks.\1.\2.",
+    r"^decoder_pos_embed$": "decoder.decoder_pos_embed",
+    r"^flow_head\.net\.(input_proj|cond_embed)\.": r"decoder.flow_head.\1.",
+    r"^flow_head\.net\.time_embed\.mlp\.([02])\.": r"decoder.flow_head.time_embed.mlp.\1.",
+    r"^flow_head\.net\.res_blocks\.(\d+)\.in_ln\.": r"decoder.flow_head.blocks.\1.norm.",
+    r"^flow_head\.net\.res_blocks\.(\d+)\.mlp\.([02])\.": r"decoder.flow_head.blocks.\1.mlp.\2.",
+    r"^flow_head\.net\.res_blocks\.(\d+)\.adaLN_modulation\.1\.": r"decoder.flow_head.blocks.\1.ada.",
+    r"^flow_head\.net\.final_layer\.linear\.": "decoder.flow_head.final.linear.",
+    r"^flow_head\.net\.final_layer\.adaLN_modulation\.1\.": "decoder.flow_head.final.ada.",
+}
+_ENCODER_ROOTS = ("embeddings.", "encoder.")
 _STRIP_PREFIXES = ("vision_model.", "model.")
 
 
-def rename_release_key(key: str) -> str | None:
-    """Our name for a release parameter, or None when it maps to nothing."""
-    for pattern, repl in _RULES:
-        new, hits = re.subn(pattern, repl, key)
-        if hits:
-            return new
-    return None
+def rename_release_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our names for a (prefix-free) release state dict; CheckpointError listing the keys that map to nothing."""
+    encoder_part = {k: v for k, v in state.items() if k.startswith(_ENCODER_ROOTS)}
+    ours = {f"encoder.{k}": v for k, v in extract_encoder_state(encoder_part, "release checkpoint").items()}
+    names, unmatched = rename_keys([k for k in state if k not in encoder_part], _DECODER_RULES)
+    if unmatched:
+        raise CheckpointError(f"release checkpoint: {len(unmatched)} key(s) map to nothing: {sorted(unmatched)[:20]}")
+    ours.update({new: state[old] for old, new in names.items()})
+    return ours
 
 
 def _strip_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -106,10 +109,7 @@ def convert_release_state(state: Mapping[str, torch.Tensor],
     """Rename a release state dict and check it against a model built from it; returns (config, our state dict)."""
     state = _strip_prefix(state)
     config = config_from_release(state, release_config)
-    unmatched = sorted(k for k in state if rename_release_key(k) is None)
-    if unmatched:
-        raise CheckpointError(f"release checkpoint: {len(unmatched)} key(s) map to nothing: {unmatched[:20]}")
-    ours = {rename_release_key(k): v for k, v in state.items()}
+    ours = rename_release_state(state)
     with torch.device("meta"):
         model = UniFlowTokenizer.from_config(config, load_pretrained_encoder=False)
     load_state_strict(model, ours, "release checkpoint (after renaming)", check_only=True)
@@ -133,8 +133,27 @@ def load_release(src: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return read_safetensors(src), release_config
 
 
-def convert_official_checkpoint(src: str | Path, dst: str | Path, dtype: str | None = None) -> Path:
-    """Read the release, convert and verify it, and write our `config.json` + `model.safetensors` to `dst`."""
+def convert_official_checkpoint(src: str | Path, dst: str | Path, dtype: str | None = None,
+                                overwrite: bool = False) -> Path:
+    """Read the release, convert and verify it, and write our `config.json` + `model.safetensors` to `dst`.
+
+    `dst` is checked before anything is read (see `uniflow.checkpoint.check_destination`); a release config that is
+    not valid JSON, and NaN/inf weights, are refused naming the file or the first bad tensor."""
+    from uniflow.checkpoint import check_destination, check_finite
+    from uniflow.configs import read_json
+    from uniflow.errors import ConfigError
+    from uniflow.tokenizer import MODEL_KIND
+
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype is not None and dtype not in dtypes:
+        raise ConfigError(f"dtype: expected one of {sorted(dtypes)} or None, got {dtype!r}")
+    check_destination(dst, MODEL_KIND, overwrite)
+    if Path(src).is_dir() and (Path(src) / "config.json").exists():
+        release_json = read_json(Path(src) / "config.json", CheckpointError)
+        if not isinstance(release_json, dict):
+            raise CheckpointError(f"{Path(src) / 'config.json'}: expected a JSON object, got "
+                                  f"{type(release_json).__name__}")
     state, release_config = load_release(src)
+    check_finite(state, f"{src}: release weights")
     config, ours = convert_release_state(state, release_config)
-    return save_folder(dst, config.to_dict(), ours, dtype=getattr(torch, dtype) if dtype else None)
+    return save_folder(dst, config.to_dict(), ours, dtype=dtypes[dtype] if dtype else None, overwrite=overwrite)

@@ -81,9 +81,11 @@ class FrozenTeacher(nn.Module):
     It belongs to the training module (never to the inference tokenizer), so no checkpoint carries it twice.
     """
 
-    def __init__(self, encoder: nn.Module) -> None:
+    def __init__(self, encoder: nn.Module, copy_encoder: bool = True) -> None:
+        """copy_encoder=False adopts `encoder` itself (one built for the teacher, e.g. under ZeRO-3, where the
+        partitioned parameters of the student cannot be deep-copied)."""
         super().__init__()
-        self.encoder = copy.deepcopy(encoder)
+        self.encoder = copy.deepcopy(encoder) if copy_encoder else encoder
         self.encoder.requires_grad_(False)
         self.encoder.eval()
 

@@ -11,11 +11,9 @@ from collections.abc import Callable
 
 from uniflow.decoder import DecoderConfig
 from uniflow.encoders import EncoderConfig
+from uniflow.encoders.base import IMAGENET_MEAN, IMAGENET_STD
 from uniflow.errors import ConfigError
 from uniflow.tokenizer import TokenizerConfig
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def tiny() -> TokenizerConfig:

@@ -3,11 +3,17 @@
 encode: image -> encoder tokens h (semantic, for the MLLM) -> z = MLP(h) (B, N, 64 latent, for generation)
 decode: z -> PixelFlowDecoder -> pixels, by 1 (or more) Euler/Heun steps from noise
 loss:   lambda_d * layer-wise adaptive self-distillation + lambda_f * per-patch flow matching
+
+Its two consumers (docs/architecture.md): the MLLM reads semantic tokens from the encoder alone (`load_encoder`, which
+reads only the `encoder.*` tensors of a folder); the generator models latents normalised by the per-channel
+statistics stored beside the weights (`normalize_latents` / `denormalize_latents`, `uniflow.latent_stats`).
+Folders are local paths or hub repository ids (`uniflow.hub`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,14 +22,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from uniflow import checkpoint
+from uniflow import checkpoint, hub
 from uniflow.configs import from_dict, to_dict
 from uniflow.decoder import DecoderConfig, PixelFlowDecoder, mlp
 from uniflow.distill import DistillConfig, distillation_loss
-from uniflow.encoders import EncoderConfig, build_encoder
-from uniflow.errors import ConfigError, ImageInputError
+from uniflow.encoders import EncoderConfig, VisionEncoder, build_encoder
+from uniflow.errors import CheckpointError, ConfigError, ImageInputError
 from uniflow.flow import FlowConfig, check_sampler
-from uniflow.images import ImageLike, resize_center_crop, to_batch, to_pil
+from uniflow.images import ImageLike, check_latents, to_pil
+from uniflow.latent_stats import STATS_NAME, LatentStats, read_latent_stats, save_latent_stats
 
 MODEL_KIND = "uniflow-tokenizer"
 
@@ -79,6 +86,7 @@ class UniFlowTokenizer(nn.Module):
         super().__init__()
         self.config = config
         self.encoder = build_encoder(config.encoder)
+        self.latent_stats: LatentStats | None = None  # set by from_pretrained / set_latent_stats; not a weight
         native = config.encoder.image_size // self.encoder.patch_size
         width = self.encoder.width
         self.to_latent = mlp(width, width, config.decoder.latent_channels)
@@ -96,19 +104,15 @@ class UniFlowTokenizer(nn.Module):
     def prepare(self, images: ImageLike | list[ImageLike], resize: bool = False) -> torch.Tensor:
         """User images -> normalised (B, 3, H, W) on the model's device.
 
-        resize=False requires sides divisible by the patch size; resize=True resizes and centre-crops to the
-        encoder's native size.
+        resize=False requires sides divisible by the patch size; resize=True resizes and centre-crops each image to
+        the encoder's native size with `uniflow.images.preprocess`, the same function training data goes through.
         """
-        batch = to_batch(images)
-        if resize:
-            batch = resize_center_crop(batch, self.config.encoder.image_size)
-        h, w = batch.shape[-2:]
-        self.encoder.grid_for(h, w)
-        return self.encoder.normalize(batch.to(self.device))
+        return self.encoder.preprocess(images, resize)
 
     # ----------------------------------------------------------------- model
-    def _encode_normalized(self, pixels: torch.Tensor) -> tuple[Encoded, list[torch.Tensor]]:
-        out = self.encoder(pixels)
+    def _encode_normalized(self, pixels: torch.Tensor,
+                           layers: Sequence[int] | None = None) -> tuple[Encoded, list[torch.Tensor]]:
+        out = self.encoder(pixels, layers)
         tokens = out.last
         return Encoded(self.to_latent(tokens), tokens, out.grid), out.hidden_states
 
@@ -136,19 +140,47 @@ class UniFlowTokenizer(nn.Module):
         total = self.config.flow_weight * flow_loss + self.config.distill_weight * dist_loss
         return TokenizerLoss(total, flow_loss.detach(), dist_loss.detach(), alpha, weights)
 
-    @torch.no_grad()
-    def encode(self, images: ImageLike | list[ImageLike], resize: bool = False) -> Encoded:
-        """Images -> 64-d latents (B, N, C) and semantic tokens (B, N, D)."""
-        return self._encode_normalized(self.prepare(images, resize))[0]
+    def encode(self, images: ImageLike | list[ImageLike], resize: bool = False, grad: bool = False) -> Encoded:
+        """Images -> 64-d latents (B, N, C) and semantic tokens (B, N, D) (the last layer's).
+
+        grad=True keeps the autograd graph (fine-tuning the encoder through this path); by default no graph is built.
+        """
+        with torch.set_grad_enabled(grad):
+            return self._encode_normalized(self.prepare(images, resize), layers=[-1])[0]
+
+    # ----------------------------------------------------------------- latent statistics
+    @property
+    def has_latent_stats(self) -> bool:
+        return self.latent_stats is not None
+
+    def _require_stats(self) -> LatentStats:
+        if self.latent_stats is None:
+            raise CheckpointError(f"this tokenizer has no latent statistics ({STATS_NAME}); compute them with "
+                                  f"`uniflow latent-stats --tokenizer DIR --data shapeworld|FOLDER`")
+        return self.latent_stats
+
+    def normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """(..., C) latents -> per-channel standardised latents, what a generator models. Raises CheckpointError
+        when the tokenizer has no statistics: a generator must never train silently on unnormalised latents."""
+        return self._require_stats().normalize(latents)
+
+    def denormalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Inverse of `normalize_latents`: a generator's output -> latents for `decode`."""
+        return self._require_stats().denormalize(latents)
+
+    def set_latent_stats(self, stats: LatentStats | None) -> None:
+        """Attach statistics (e.g. fresh from `compute_latent_stats`); None removes them."""
+        channels = self.config.decoder.latent_channels
+        if stats is not None and stats.channels != channels:
+            raise ConfigError(f"latent statistics have {stats.channels} channels, the tokenizer's latents {channels}")
+        self.latent_stats = stats
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, grid: tuple[int, int] | None = None, steps: int | None = None,
                sampler: str | None = None, seed: int | None = None, output: str = "tensor",
                generator: torch.Generator | None = None) -> torch.Tensor | list:
         """Latents (B, N, C) -> images in [0, 1]: a (B, 3, H, W) tensor, or PIL images with output="pil"."""
-        channels = self.config.decoder.latent_channels
-        if latents.ndim != 3 or latents.shape[-1] != channels:
-            raise ImageInputError(f"latents must have shape (B, N, {channels}), got {tuple(latents.shape)}")
+        latents = check_latents(latents, self.config.decoder.latent_channels)
         n = latents.shape[1]
         if grid is None:
             side = round(n ** 0.5)
@@ -180,8 +212,27 @@ class UniFlowTokenizer(nn.Module):
         return self.decode(encoded.latents, encoded.grid, steps, sampler, seed, output="pil" if as_pil else "tensor")
 
     # ----------------------------------------------------------------- io
-    def save_pretrained(self, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
-        return checkpoint.save_folder(folder, self.config.to_dict(), self.state_dict(), dtype)
+    def save_pretrained(self, folder: str | Path, dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
+        """Write `config.json` + `model.safetensors`; an existing tokenizer checkpoint is replaced only with
+        overwrite=True, and a non-empty folder of anything else is refused (see `uniflow.checkpoint.save_folder`)."""
+        dest = checkpoint.save_folder(folder, self.config.to_dict(), self.state_dict(), dtype, overwrite=overwrite)
+        if self.latent_stats is not None:
+            save_latent_stats(dest, self.latent_stats, overwrite=True)
+        else:  # an overwritten tokenizer's statistics describe other weights: they go with them
+            (dest / STATS_NAME).unlink(missing_ok=True)
+        return dest
+
+    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None,
+                    revision: str | None = None, commit_message: str | None = None,
+                    dtype: torch.dtype | None = None) -> str:
+        """Save this tokenizer (with its latent statistics) to a temporary folder and upload it to the hub
+        repository `repo_id` (created if missing); returns the commit URL."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="uniflow-push-") as tmp:
+            folder = self.save_pretrained(Path(tmp) / "tokenizer", dtype=dtype)
+            return hub.push_folder(folder, repo_id, private=private, token=token, revision=revision,
+                                   commit_message=commit_message)
 
     @classmethod
     def from_config(cls, config: TokenizerConfig, load_pretrained_encoder: bool = True) -> UniFlowTokenizer:
@@ -191,11 +242,61 @@ class UniFlowTokenizer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32) -> UniFlowTokenizer:
-        folder = Path(folder)
-        config = TokenizerConfig.from_dict(checkpoint.read_config(folder), f"{folder / checkpoint.CONFIG_NAME}")
+                        dtype: torch.dtype = torch.float32, revision: str | None = None) -> UniFlowTokenizer:
+        """Load a tokenizer folder (config.json, model.safetensors, latent_stats.safetensors if present): a local
+        path, or a hub repository id `org/name` (at `revision`) when no such local path exists."""
+        folder = hub.resolve_folder(folder, revision, what="tokenizer")
+        config = read_tokenizer_config(folder)
         weights = checkpoint.read_weights(folder)
         model = cls.from_config(config, load_pretrained_encoder=False)
         model.config = config
         checkpoint.load_state_strict(model, weights, str(folder / checkpoint.WEIGHTS_NAME))
+        model.latent_stats = read_latent_stats(folder, config.decoder.latent_channels)
         return model.to(device=device, dtype=dtype).eval()
+
+
+def read_tokenizer_config(folder: Path) -> TokenizerConfig:
+    return TokenizerConfig.from_dict(checkpoint.read_config(folder), f"{folder / checkpoint.CONFIG_NAME}")
+
+
+ENCODER_PREFIX = "encoder."
+
+
+def _encoder_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """The `encoder.*` tensors of a folder's weights, prefix removed, reading nothing else: `safe_open` reads only
+    the header and the tensors asked for, and with a sharded index only the shards that hold encoder tensors."""
+    from safetensors import SafetensorError, safe_open
+
+    index = folder / checkpoint.INDEX_NAME
+    if index.is_file():
+        checkpoint._index_shards(index)  # validates the shard names (the one place that knows the index format)
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({folder / shard for key, shard in weight_map.items() if key.startswith(ENCODER_PREFIX)})
+    else:
+        files = [folder / checkpoint.WEIGHTS_NAME]
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        if not path.is_file():
+            raise CheckpointError(f"{path}: weights file not found")
+        try:
+            with safe_open(str(path), "pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 - a safetensors handle, not a dict
+                    if key.startswith(ENCODER_PREFIX):
+                        state[key[len(ENCODER_PREFIX):]] = handle.get_tensor(key)
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{path}: weights file is truncated or corrupt ({exc})") from None
+    return state
+
+
+def load_encoder(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 revision: str | None = None) -> VisionEncoder:
+    """The encoder alone from a tokenizer folder (a trained one or the converted official checkpoint): what the MLLM
+    needs. Only the encoder's tensors are read, never the decoder's. It keeps its preprocessing
+    (`encoder.preprocess(images, resize=True)`) and can return chosen layers (`encoder(pixels, layers=[-2])`); in
+    train mode, with requires_grad, it fine-tunes like any module. Returned in eval mode."""
+    folder = hub.resolve_folder(folder, revision, what="tokenizer")
+    config = read_tokenizer_config(folder)
+    encoder = build_encoder(dataclasses.replace(config.encoder, pretrained=None))
+    checkpoint.load_state_strict(encoder, _encoder_tensors(folder),
+                                 f"{folder / checkpoint.WEIGHTS_NAME} (encoder.* tensors)")
+    return encoder.to(device=device, dtype=dtype).eval()

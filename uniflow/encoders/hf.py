@@ -10,7 +10,8 @@ folder is the truth, not the preset's defaults; `kwargs` override `config.image_
 config). `image_size` stays `config.image_size`: the size callers resize to, whatever the position embedding's native
 grid is.
 
-Hidden states are `output_hidden_states=True`'s, minus the embedding output; CLS (CLIP, DINOv2) and register tokens
+Hidden states are `output_hidden_states=True`'s, minus the embedding output, computed only up to the deepest requested
+layer (the blocks past it are left out of the module list for that call); CLS (CLIP, DINOv2) and register tokens
 (DINOv2 with registers) are dropped; SigLIP has neither. Non-native sizes work: CLIP and SigLIP get
 `interpolate_pos_encoding=True`, DINOv2 always interpolates, and SigLIP2 takes its native patch-sequence input, which
 this adapter builds from the image (patches flattened as (row, col, channel), as its image processor does), with
@@ -29,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
-from uniflow.encoders.base import IMAGENET_MEAN, IMAGENET_STD, EncoderConfig, EncoderOutput, VisionEncoder
+from uniflow.encoders.base import IMAGENET_MEAN, IMAGENET_STD, EncoderConfig, VisionEncoder
 from uniflow.errors import CheckpointError, ConfigError
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -100,6 +101,7 @@ class HFEncoder(VisionEncoder):
             model, hf_config = self._from_config(config)
         self._strip_unused(model)
         self.model = model
+        self._blocks_at = self._find_blocks(model)  # (path of the module holding the blocks, attribute name)
         self._patch_sequence_input = family.patch_sequence_input
         self._interpolate_kw = "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
 
@@ -171,6 +173,18 @@ class HFEncoder(VisionEncoder):
         return mean, std
 
     @staticmethod
+    def _find_blocks(model: nn.Module) -> tuple[str, str]:
+        """Where the transformer blocks are: the encoder's path and attribute (`layers`, or DINOv2's `layer`)."""
+        for path in ("encoder", "vision_model.encoder"):
+            for name in ("layers", "layer"):
+                try:
+                    if isinstance(model.get_submodule(f"{path}.{name}"), nn.ModuleList):
+                        return path, name
+                except AttributeError:
+                    continue
+        raise ConfigError(f"encoder.arch: cannot find the transformer blocks of {type(model).__name__}")
+
+    @staticmethod
     def _strip_unused(model: nn.Module) -> None:
         """Replace the final norms and pooling head by nothing; freeze DINOv2's mask token (module docstring)."""
         owners = [model]
@@ -188,28 +202,46 @@ class HFEncoder(VisionEncoder):
             if name.split(".")[-1] == "mask_token":
                 param.requires_grad_(False)
 
-    def encode_normalized(self, pixel_values: torch.Tensor) -> EncoderOutput:
-        """Patch tokens of every layer from one forward pass with `output_hidden_states=True`."""
+    @contextlib.contextmanager
+    def _first_blocks(self, depth: int) -> Iterator[None]:
+        """Within the block the model holds only its first `depth` transformer blocks, so it computes no more."""
+        path, name = self._blocks_at
+        owner = self.model.get_submodule(path)
+        full = getattr(owner, name)
+        if depth == len(full):
+            yield
+            return
+        setattr(owner, name, full[:depth])
+        try:
+            yield
+        finally:
+            setattr(owner, name, full)
+
+    def encode_normalized(self, pixel_values: torch.Tensor, layers: Sequence[int]) -> list[torch.Tensor]:
+        """Patch tokens of the requested layers from one forward pass (`output_hidden_states=True`) through the
+        blocks up to the deepest requested one."""
         gh, gw = self.grid_for(pixel_values.shape[-2], pixel_values.shape[-1])
-        if self._patch_sequence_input:
-            b, c, p = pixel_values.shape[0], pixel_values.shape[1], self.patch_size
-            patches = pixel_values.reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 3, 5, 1).reshape(b, gh * gw, p * p * c)
-            out = self.model(
-                pixel_values=patches,
-                pixel_attention_mask=torch.ones(b, gh * gw, dtype=torch.long, device=pixel_values.device),
-                spatial_shapes=torch.tensor([[gh, gw]] * b, dtype=torch.long, device=pixel_values.device),
-                output_hidden_states=True,
-            )
-        else:
-            kwargs = {"interpolate_pos_encoding": True} if self._interpolate_kw else {}
-            out = self.model(pixel_values=pixel_values, output_hidden_states=True, **kwargs)
-        hidden = out.hidden_states[-self.num_layers :]
-        tokens = [h[:, self.num_prefix_tokens :] for h in hidden]
+        depth = max(layers) + 1
+        with self._first_blocks(depth):
+            if self._patch_sequence_input:
+                b, c, p = pixel_values.shape[0], pixel_values.shape[1], self.patch_size
+                patches = pixel_values.reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 3, 5, 1)
+                out = self.model(
+                    pixel_values=patches.reshape(b, gh * gw, p * p * c),
+                    pixel_attention_mask=torch.ones(b, gh * gw, dtype=torch.long, device=pixel_values.device),
+                    spatial_shapes=torch.tensor([[gh, gw]] * b, dtype=torch.long, device=pixel_values.device),
+                    output_hidden_states=True,
+                )
+            else:
+                kwargs = {"interpolate_pos_encoding": True} if self._interpolate_kw else {}
+                out = self.model(pixel_values=pixel_values, output_hidden_states=True, **kwargs)
+        hidden = out.hidden_states[-depth:]
+        tokens = [hidden[i][:, self.num_prefix_tokens :] for i in layers]
         if tokens[-1].shape[1] != gh * gw:
             raise RuntimeError(
                 f"{self.arch}: got {tokens[-1].shape[1]} patch tokens for a {gh}x{gw} grid; prefix-token count is wrong"
             )
-        return EncoderOutput(hidden_states=tokens, grid=(gh, gw))
+        return tokens
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         # `activation_checkpointing_*` replaces `gradient_checkpointing_*` in recent transformers (deprecated in v5).

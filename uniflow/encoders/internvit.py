@@ -37,25 +37,19 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from timm.layers import DropPath
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from uniflow.blocks import TransformerBlock
 from uniflow.checkpoint import load_state_strict, read_safetensors
-from uniflow.encoders.base import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    EncoderConfig,
-    EncoderOutput,
-    VisionEncoder,
-)
+from uniflow.encoders.base import IMAGENET_MEAN, IMAGENET_STD, EncoderConfig, VisionEncoder, rename_keys
 from uniflow.errors import CheckpointError, ConfigError
+from uniflow.pos_embed import resize_grid_embedding
 
 
 @dataclass
@@ -92,15 +86,10 @@ class InternViTEmbeddings(nn.Module):
         self.position_embedding = nn.Parameter(torch.zeros(1, 1 + self.native_grid**2, d))
 
     def position_for(self, grid_h: int, grid_w: int) -> torch.Tensor:
-        """(1, 1 + grid_h*grid_w, D) position embedding; the patch part resampled bicubically like the release."""
+        """(1, 1 + grid_h*grid_w, D) position embedding: the CLS position kept, the patch part resampled."""
         pos = self.position_embedding
         g = self.native_grid
-        if (grid_h, grid_w) == (g, g):
-            return pos
-        patch = pos[:, 1:].float().reshape(1, g, g, -1).permute(0, 3, 1, 2)
-        patch = F.interpolate(patch, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
-        patch = patch.flatten(2).transpose(1, 2).to(pos.dtype)
-        return torch.cat([pos[:, :1], patch], dim=1)
+        return torch.cat([pos[:, :1], resize_grid_embedding(pos[:, 1:], (g, g), (grid_h, grid_w))], dim=1)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
@@ -110,65 +99,21 @@ class InternViTEmbeddings(nn.Module):
         return torch.cat([cls, x], dim=1) + self.position_for(gh, gw).to(x.dtype)
 
 
-class InternAttention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection (the release's layout), via SDPA."""
-
-    def __init__(self, cfg: InternViTConfig) -> None:
-        super().__init__()
-        if cfg.hidden_size % cfg.num_attention_heads:
-            raise ConfigError(
-                f"encoder.kwargs: hidden_size {cfg.hidden_size} is not divisible by "
-                f"num_attention_heads {cfg.num_attention_heads}"
-            )
-        self.num_heads = cfg.num_attention_heads
-        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.qkv_bias)
-        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
-
-
-class InternMLP(nn.Module):
-    def __init__(self, cfg: InternViTConfig) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class InternViTLayer(nn.Module):
-    """Pre-norm block with LayerScale inside drop-path, as in the release."""
-
-    def __init__(self, cfg: InternViTConfig, drop_path: float) -> None:
-        super().__init__()
-        d = cfg.hidden_size
-        self.norm1 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
-        self.attn = InternAttention(cfg)
-        self.ls1 = nn.Parameter(torch.full((d,), cfg.initializer_factor))
-        self.norm2 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
-        self.mlp = InternMLP(cfg)
-        self.ls2 = nn.Parameter(torch.full((d,), cfg.initializer_factor))
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x)) * self.ls1)
-        return x + self.drop_path2(self.mlp(self.norm2(x)) * self.ls2)
-
-
 class InternViTStack(nn.Module):
-    """Holds `layers` so that parameter names read `encoder.layers.{i}...` like the release."""
+    """Holds `layers` so that parameter names read `encoder.layers.{i}...` like the release.
+
+    Each layer is the shared pre-norm block with the release's LayerScale (inside drop-path) and linearly rising
+    drop-path.
+    """
 
     def __init__(self, cfg: InternViTConfig) -> None:
         super().__init__()
         rates = torch.linspace(0, cfg.drop_path_rate, cfg.num_hidden_layers, device="cpu").tolist()
-        self.layers = nn.ModuleList(InternViTLayer(cfg, rate) for rate in rates)
+        self.layers = nn.ModuleList(
+            TransformerBlock(cfg.hidden_size, cfg.num_attention_heads, qkv_bias=cfg.qkv_bias, eps=cfg.layer_norm_eps,
+                             mlp_hidden=cfg.intermediate_size, layer_scale=cfg.initializer_factor, drop_path=rate)
+            for rate in rates
+        )
 
 
 def resolve_internvit_config(config: EncoderConfig) -> InternViTConfig:
@@ -180,6 +125,9 @@ def resolve_internvit_config(config: EncoderConfig) -> InternViTConfig:
     cfg = InternViTConfig(**{"image_size": config.image_size, "patch_size": config.patch_size, **config.kwargs})
     if cfg.image_size % cfg.patch_size:
         raise ConfigError(f"encoder: image_size {cfg.image_size} is not divisible by patch_size {cfg.patch_size}")
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise ConfigError(f"encoder.kwargs: hidden_size {cfg.hidden_size} is not divisible by "
+                          f"num_attention_heads {cfg.num_attention_heads}")
     return cfg
 
 
@@ -213,16 +161,16 @@ class InternViTEncoder(VisionEncoder):
         nn.init.trunc_normal_(self.embeddings.class_embedding, std=0.02)
         nn.init.trunc_normal_(self.embeddings.position_embedding, std=0.02)
 
-    def encode_normalized(self, pixel_values: torch.Tensor) -> EncoderOutput:
-        """Patch tokens after every layer (CLS dropped)."""
-        grid = self.grid_for(pixel_values.shape[-2], pixel_values.shape[-1])
+    def encode_normalized(self, pixel_values: torch.Tensor, layers: Sequence[int]) -> list[torch.Tensor]:
+        """Patch tokens (CLS dropped) after the requested layers; stops after the deepest one."""
         x = self.embeddings(pixel_values)
-        hidden = []
+        wanted, hidden = set(layers), {}
         use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        for layer in self.encoder.layers:
+        for index, layer in enumerate(self.encoder.layers[: max(layers) + 1]):
             x = checkpoint(layer, x, use_reentrant=False) if use_ckpt else layer(x)
-            hidden.append(x[:, 1:])
-        return EncoderOutput(hidden_states=hidden, grid=grid)
+            if index in wanted:
+                hidden[index] = x[:, 1:]
+        return [hidden[i] for i in layers]
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
@@ -269,17 +217,17 @@ def convert_release_encoder_state(release_sd: Mapping[str, torch.Tensor]) -> dic
     return {key_map[k]: v for k, v in release_sd.items()}
 
 
-_HF_RENAMES = (
-    (r"^embeddings\.cls_token$", "embeddings.class_embedding"),
-    (r"^embeddings\.patch_embeddings\.projection\.", "embeddings.patch_embedding."),
-    (r"^embeddings\.position_embeddings$", "embeddings.position_embedding"),
-    (r"^encoder\.layer\.(\d+)\.attention\.projection_layer\.", r"encoder.layers.\1.attn.proj."),
-    (r"^encoder\.layer\.(\d+)\.layernorm_before\.", r"encoder.layers.\1.norm1."),
-    (r"^encoder\.layer\.(\d+)\.layernorm_after\.", r"encoder.layers.\1.norm2."),
-    (r"^encoder\.layer\.(\d+)\.lambda_1$", r"encoder.layers.\1.ls1"),
-    (r"^encoder\.layer\.(\d+)\.lambda_2$", r"encoder.layers.\1.ls2"),
-    (r"^encoder\.layer\.(\d+)\.mlp\.", r"encoder.layers.\1.mlp."),
-)
+# `transformers` name (prefix-free) -> this adapter's name; first match wins. q/k/v are fused separately.
+_HF_RENAMES = {
+    r"^embeddings\.cls_token$": "embeddings.class_embedding",
+    r"^embeddings\.patch_embeddings\.projection\.": "embeddings.patch_embedding.",
+    r"^embeddings\.position_embeddings$": "embeddings.position_embedding",
+    r"^encoder\.layer\.(\d+)\.attention\.projection_layer\.": r"encoder.layers.\1.attn.proj.",
+    r"^encoder\.layer\.(\d+)\.layernorm_before\.": r"encoder.layers.\1.norm1.",
+    r"^encoder\.layer\.(\d+)\.layernorm_after\.": r"encoder.layers.\1.norm2.",
+    r"^encoder\.layer\.(\d+)\.lambda_([12])$": r"encoder.layers.\1.ls\2",
+    r"^encoder\.layer\.(\d+)\.mlp\.": r"encoder.layers.\1.mlp.",
+}
 _HF_QKV = re.compile(r"^encoder\.layer\.(\d+)\.attention\.([qkv])_proj\.(weight|bias)$")
 
 
@@ -290,22 +238,15 @@ def convert_hf_internvl_vision_state(hf_sd: Mapping[str, torch.Tensor]) -> dict[
     with use_mean_pooling=False) is dropped: the adapter returns raw block outputs. Raises CheckpointError listing
     unmatched or missing keys.
     """
-    out: dict[str, torch.Tensor] = {}
     qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    unmatched = []
+    rest = []
     for key, value in hf_sd.items():
-        if key.startswith("layernorm."):
-            continue
         if m := _HF_QKV.match(key):
             qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
-            continue
-        for pattern, repl in _HF_RENAMES:
-            new, hits = re.subn(pattern, repl, key)
-            if hits:
-                out[new] = value
-                break
-        else:
-            unmatched.append(key)
+        elif not key.startswith("layernorm."):
+            rest.append(key)
+    names, unmatched = rename_keys(rest, _HF_RENAMES)
+    out = {new: hf_sd[old] for old, new in names.items()}
     for (layer, kind), parts in qkv.items():
         if set(parts) != {"q", "k", "v"}:
             unmatched += [f"encoder.layer.{layer}.attention.{p}_proj.{kind}" for p in sorted(parts)]

@@ -2,7 +2,8 @@
 
 The model is built with `dynamic_img_size=True`, so its absolute position embedding is resampled (bicubic) for any
 input size divisible by the patch size. Hidden states come from timm's own `forward_intermediates` (one pass, no hooks,
-works with gradient checkpointing): the output of every block, prefix tokens (CLS and registers) dropped.
+works with gradient checkpointing): the output of each requested block, prefix tokens (CLS and registers) dropped;
+`stop_early` skips the blocks past the deepest requested one.
 
 Last layer: the raw output of the last block, before the model's final norm. Every backend makes the same choice,
 so a layer index means the same thing for timm, `transformers` and InternViT. Because nothing reads them, the final
@@ -15,17 +16,13 @@ else ImageNet's.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import timm
 import torch
 
 from uniflow.checkpoint import load_state_strict, read_safetensors
-from uniflow.encoders.base import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    EncoderConfig,
-    EncoderOutput,
-    VisionEncoder,
-)
+from uniflow.encoders.base import IMAGENET_MEAN, IMAGENET_STD, EncoderConfig, VisionEncoder
 from uniflow.errors import ConfigError
 
 
@@ -85,13 +82,14 @@ class TimmEncoder(VisionEncoder):
                 state[key] = own[key]  # pruned right after: its value is irrelevant
         load_state_strict(model, state, path)
 
-    def encode_normalized(self, pixel_values: torch.Tensor) -> EncoderOutput:
-        """Patch tokens of every block, via timm's `forward_intermediates`."""
-        grid = self.grid_for(pixel_values.shape[-2], pixel_values.shape[-1])
+    def encode_normalized(self, pixel_values: torch.Tensor, layers: Sequence[int]) -> list[torch.Tensor]:
+        """Patch tokens of the requested blocks, via timm's `forward_intermediates` (stopping after the deepest)."""
+        unique = sorted(set(layers))
         hidden = self.model.forward_intermediates(
-            pixel_values, indices=None, norm=False, output_fmt="NLC", intermediates_only=True
+            pixel_values, indices=unique, norm=False, stop_early=True, output_fmt="NLC", intermediates_only=True
         )
-        return EncoderOutput(hidden_states=list(hidden), grid=grid)
+        by_index = dict(zip(unique, hidden))
+        return [by_index[i] for i in layers]
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
