@@ -5,7 +5,7 @@ ENV_KEY := $(shell $(PYTHON) tools/env_key.py)
 VENV ?= $(or $(UNIFLOW_VENV),$(HOME)/.cache/uniflow-venv/$(ENV_KEY))
 PY := $(VENV)/bin/python
 
-.PHONY: env test lint bench checkpoints ablations demo example
+.PHONY: env test test-fast lint bench checkpoints ablations demo example
 
 $(VENV)/.ready:
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,13 @@ $(VENV)/.ready:
 env: $(VENV)/.ready
 	$(PY) -m pip install -q --no-deps -e .
 
+# The whole suite, slow tests included (learning, resume after SIGKILL, two-process ZeRO-2/3): what CI runs.
 test: env
 	HF_HUB_OFFLINE=1 DS_ACCELERATOR=cpu $(PY) -m pytest -q tests
+
+# Without the tests marked slow (each over ~10 s): for development.
+test-fast: env
+	HF_HUB_OFFLINE=1 DS_ACCELERATOR=cpu $(PY) -m pytest -q -m "not slow" tests
 
 lint: env
 	$(PY) -m ruff check .
@@ -53,5 +58,6 @@ ablations: env
 
 # Reconstruct held-out ShapeWorld images with the bundled tokenizer and print PSNR/SSIM per image.
 example: env
-	$(PY) -m app.cli data shapes --out outputs/example --num 8 --split heldout --no-progress
-	$(PY) -m app.cli reconstruct outputs/example/heldout/*/*.png --tokenizer $(BUNDLE)/tokenizer --out outputs/example/recon
+	$(PY) -m app.cli data shapes --out outputs/example --num 8 --split heldout --no-progress --overwrite
+	$(PY) -m app.cli reconstruct outputs/example/heldout/*/*.png --tokenizer $(BUNDLE)/tokenizer --out outputs/example/recon \
+		--overwrite

@@ -1,5 +1,6 @@
 """The tokenizer learns: a small `tiny`-style model, fixed seed, 64 ShapeWorld images, a few hundred steps."""
 
+import pytest
 import torch
 
 from tests.helpers import tiny_tokenizer_config
@@ -12,6 +13,7 @@ from uniflow.metrics import psnr
 STEPS = 250
 
 
+@pytest.mark.slow
 def test_flow_loss_falls_and_psnr_rises():
     torch.manual_seed(0)
     config = tiny_tokenizer_config(width=64, depth=2, image_size=32, patch=8, global_depth=1,

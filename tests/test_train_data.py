@@ -12,8 +12,14 @@ import torch
 from PIL import Image
 
 from train import checkpointing
-from train.config import DataConfig
-from train.data import HFImageDataset, ImageFolderDataset, ResumableShardSampler, build_dataset, load_hf_rows
+from train.data import (
+    HFImageDataset,
+    ImageDataConfig,
+    ImageFolderDataset,
+    ResumableShardSampler,
+    build_dataset,
+    load_hf_rows,
+)
 from train.ema import EMA
 from uniflow.errors import CheckpointError, ConfigError, ImageInputError
 
@@ -81,12 +87,12 @@ def test_image_folder_errors_name_the_folder(tmp_path: Path) -> None:
 
 def test_build_dataset_sources(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"data\.path: required"):
-        build_dataset(DataConfig(source="folder"))
+        build_dataset(ImageDataConfig(source="folder"))
     _png(tmp_path / "imgs" / "a" / "0.png", (10, 20, 30))
-    ds = build_dataset(DataConfig(source="folder", path=str(tmp_path / "imgs"), image_size=8))
-    assert len(ds) == 1 and build_dataset(DataConfig(source="folder", path=str(tmp_path / "imgs")), True) is None
-    sw = build_dataset(DataConfig(source="shapeworld", num_samples=5, image_size=32, heldout_samples=3))
-    held = build_dataset(DataConfig(source="shapeworld", heldout_samples=3, image_size=32), heldout=True)
+    ds = build_dataset(ImageDataConfig(source="folder", path=str(tmp_path / "imgs"), image_size=8))
+    assert len(ds) == 1 and build_dataset(ImageDataConfig(source="folder", path=str(tmp_path / "imgs")), True) is None
+    sw = build_dataset(ImageDataConfig(source="shapeworld", num_samples=5, image_size=32, heldout_samples=3))
+    held = build_dataset(ImageDataConfig(source="shapeworld", heldout_samples=3, image_size=32), heldout=True)
     assert len(sw) == 5 and len(held) == 3 and sw[0]["image"].shape == (3, 32, 32)
     assert not torch.equal(sw[0]["image"], held[0]["image"])
 

@@ -39,7 +39,8 @@ TINY = {
 }
 
 # Runs `train` under torchrun, then records what each rank sees: its losses, a checksum of the full (gathered)
-# weights, how many parameter elements it stores locally, and whether the sharded EMA gathers to the live weights.
+# weights, how many parameter elements it stores locally (after training, and right after the model was built, before
+# deepspeed.initialize), and whether the sharded EMA gathers to the live weights.
 DRIVER = textwrap.dedent('''
     import json, sys
     from pathlib import Path
@@ -65,7 +66,7 @@ DRIVER = textwrap.dedent('''
     ema_ok = all(torch.equal(gathered[n], state[n].float()) for n in gathered)
     losses = {r["step"]: r["loss"] for r in result.history if r["kind"] == "train"}
     out = {"rank": result.dist.rank, "world": result.dist.world_size, "losses": losses, "checksum": checksum,
-           "local_numel": local, "full_numel": full, "ema_gathers": ema_ok}
+           "local_numel": local, "full_numel": full, "ema_gathers": ema_ok, "built": list(result.built_numel)}
     Path(config.run_dir, f"rank{result.dist.rank}.json").write_text(json.dumps(out))
     shutdown_distributed()
 ''')
@@ -127,6 +128,10 @@ def test_two_processes_zero2_and_zero3_agree_and_zero3_partitions(tmp_path: Path
     assert z2["local_numel"] == z2["full_numel"]
     for rank in runs["zero3"]:  # each rank stores about half of the parameters
         assert rank["local_numel"] < 0.75 * rank["full_numel"]
+        # ... already when the model is built (inside deepspeed.zero.Init): it is never whole on one rank.
+        built_local, built_full = rank["built"]
+        assert built_full == rank["full_numel"] and built_local < 0.75 * built_full
+    assert z2["built"] == [z2["full_numel"], z2["full_numel"]]  # ZeRO-2 builds whole models
     assert sum(r["local_numel"] for r in runs["zero3"]) >= z3["full_numel"]
     # ZeRO-3 computes the same training as ZeRO-2.
     for step, loss in z2["losses"].items():

@@ -134,7 +134,7 @@ def test_bad_data_is_reported_before_deepspeed_starts(tmp_path: Path) -> None:
 
 def test_tokenizer_single_process_ema_teacher_and_export(tmp_path: Path) -> None:
     cfg = tiny(tmp_path / "tok", steps=3, ema={"enabled": True, "decay": 0.5},
-               log={"every": 1, "progress": False, "eval_every": 2, "grid_images": 2},
+               log={"every": 1, "progress": False, "eval_every": 2}, eval={"grid_images": 2},
                export={"enabled": True, "dtype": "float16"}, checkpoint={"every": 0})
     result = train(cfg)
     module = result.engine.module

@@ -1,4 +1,4 @@
-"""`python -m train {encoder,tokenizer} ...`: the entry point launchers call (torchrun -m train, deepspeed --module)."""
+"""`python -m train KIND ...`: the entry point launchers call (torchrun -m train, deepspeed --module)."""
 
 from __future__ import annotations
 

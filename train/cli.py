@@ -1,4 +1,5 @@
-"""`uniflow train {encoder,tokenizer} --config FILE [key=value ...] [--resume [DIR]] [--export-only]`.
+"""`uniflow train KIND --config FILE [key=value ...] [--resume [DIR]] [--export-only]`, one sub-command per model kind
+of the registry (`train/registry.py`).
 
 The same command line runs alone (the process group is set up in-process) or under a launcher:
     torchrun --nproc_per_node 8 -m train tokenizer --config ...
@@ -10,10 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-KINDS = {
-    "encoder": "pretrain the tiny ViT encoder on ShapeWorld labels (the teacher the tokenizer adapts)",
-    "tokenizer": "train the UniFlow tokenizer (self-distillation + pixel flow decoder)",
-}
+from train.registry import kind_help
 
 
 def _split_resume(args: argparse.Namespace) -> tuple[object, list[str]]:
@@ -48,7 +46,8 @@ def _run(args: argparse.Namespace) -> int:
     from train.engine import train
 
     try:
-        result = train(config, resume=resume, export_only=args.export_only)
+        result = train(config, resume=resume, export_only=args.export_only,
+                       trust_checkpoint=args.trust_checkpoint)
     except BaseException:
         shutdown_distributed(wait_for_others=False)
         raise
@@ -60,10 +59,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def add_kind_parsers(parser: argparse.ArgumentParser) -> None:
-    """Add the model-kind sub-commands to `parser` (the `train` command, or `python -m train`)."""
-    kinds = parser.add_subparsers(dest="kind", required=True, metavar="{" + ",".join(KINDS) + "}")
-    for kind, help_text in KINDS.items():
-        p = kinds.add_parser(kind, help=help_text, description=f"{help_text}. Runs alone or under torchrun/deepspeed.")
+    """Add the model-kind sub-commands of the registry to `parser` (the `train` command, or `python -m train`)."""
+    kinds = kind_help()
+    sub = parser.add_subparsers(dest="kind", required=True, metavar="{" + ",".join(kinds) + "}")
+    for kind, help_text in kinds.items():
+        p = sub.add_parser(kind, help=help_text, description=f"{help_text}. Runs alone or under torchrun/deepspeed.")
         p.add_argument("--config", required=True, metavar="FILE",
                        help=f"run config (YAML or JSON), e.g. train/configs/{kind}_tiny.yaml")
         p.add_argument("overrides", nargs="*", metavar="key=value",
@@ -72,6 +72,10 @@ def add_kind_parsers(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR",
                        help="continue from the latest checkpoint of the run folder, or from DIR (a run folder or "
                             "a checkpoint folder)")
+        p.add_argument("--trust-checkpoint", action="store_true",
+                       help="skip the check that the --resume checkpoint's pickle files hold only tensors and "
+                            "DeepSpeed's own types. RISK: DeepSpeed unpickles them with weights_only=False, so a "
+                            "tampered checkpoint runs arbitrary code; use only for checkpoints you wrote yourself")
         p.add_argument("--export-only", action="store_true",
                        help="load the checkpoint given by --resume and only write the inference folder")
         p.add_argument("--dry-run", nargs="?", type=int, const=1, default=None, metavar="PROCESSES",
@@ -86,7 +90,7 @@ def add_kind_parsers(parser: argparse.ArgumentParser) -> None:
 
 def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     """Register `train` on an argparse subparsers object (wired as `uniflow train ...`)."""
-    parser = subparsers.add_parser("train", help="train the encoder or the tokenizer (DeepSpeed)",
+    parser = subparsers.add_parser("train", help=f"train a model on DeepSpeed ({', '.join(kind_help())})",
                                    description=__doc__.split("\n\n")[0])
     add_kind_parsers(parser)
     return parser

@@ -1,17 +1,18 @@
 """The run configuration: one dataclass tree, read from YAML or JSON, overridable by `key=value` on the command line.
 
+The generic sections (optim, deepspeed, ema, log, checkpoint, export) are typed here; the task's own sections
+(`model`, `data`, `eval`) stay mappings that the task parses with its own dataclasses (`train/tasks.py`), through the
+same `uniflow.configs.from_dict`, so every error names the file and the dotted field either way. Each dataclass checks
+its own ranges in `__post_init__`.
+
 The run config is the single source of truth for batch size, accumulation, clipping and precision: the DeepSpeed JSON
-files in `train/configs/` only choose the ZeRO stage and its knobs (see `train/ds_config.py`). Unknown keys are errors
-that name the file and the dotted field, so a typo never silently trains the wrong model.
+files in `train/configs/` only choose the ZeRO stage and its knobs (see `train/ds_config.py`).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
-import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,14 +20,46 @@ from typing import Any
 
 import yaml
 
-from uniflow.configs import from_dict, to_dict
+from uniflow.configs import (
+    check_choice,
+    check_number,
+    config_fields,
+    from_dict,
+    parse_value,
+    read_config_file,
+    strip_optional,
+    to_dict,
+)
 from uniflow.errors import ConfigError
+
+SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("auto", "fp32", "bf16")
+EXPORT_DTYPES = (None, "float32", "float16", "bfloat16")
+
+
+@dataclass
+class GroupConfig:
+    """Overrides of one named parameter group of the task (e.g. `optim.groups.encoder.lr_scale: 0.1`).
+    lr: absolute base rate (null: optim.lr * lr_scale); weight_decay: null keeps the task's rule."""
+
+    lr: float | None = None
+    lr_scale: float | None = None
+    weight_decay: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.lr is not None:
+            check_number("lr", self.lr, 0.0, None, lo_open=True)
+        if self.lr_scale is not None:
+            check_number("lr_scale", self.lr_scale, 0.0, None)
+        if self.weight_decay is not None:
+            check_number("weight_decay", self.weight_decay, 0.0, None)
 
 
 @dataclass
 class OptimConfig:
     """AdamW and its schedule. schedule: "cosine" (decays to min_lr_ratio * lr) or "constant", both after a linear
-    warm-up of `warmup_steps` optimizer steps. grad_clip <= 0 disables clipping."""
+    warm-up of `warmup_steps` optimizer steps. grad_clip <= 0 disables clipping. groups: per-group overrides of the
+    parameter groups the task defines (each keeps its own base lr through warm-up and decay)."""
 
     lr: float = 2e-4
     betas: tuple[float, float] = (0.9, 0.95)
@@ -36,34 +69,18 @@ class OptimConfig:
     warmup_steps: int = 1000
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
+    groups: dict[str, GroupConfig] = field(default_factory=dict)
 
-
-@dataclass
-class DataConfig:
-    """Where images come from.
-
-    source: "shapeworld" (rendered on demand), "folder" (ImageNet layout: path/<class>/<image>) or "hf" (`datasets`:
-        a `save_to_disk` folder, data files such as `*.parquet`, or a hub name).
-    path / heldout_path: folder, files or hub name for the train and held-out sets ("folder"/"hf").
-    split / heldout_split: `datasets` split names ("hf"), or ShapeWorld splits.
-    num_samples: ShapeWorld training set size (null: the split's default); heldout_samples: images used for
-        periodic evaluation (all sources).
-    verify: open every image header of a folder once at start, skipping and counting unreadable files.
-    """
-
-    source: str = "shapeworld"
-    path: str | None = None
-    heldout_path: str | None = None
-    split: str = "train"
-    heldout_split: str | None = None
-    image_key: str = "image"
-    label_key: str = "label"
-    image_size: int = 64
-    num_samples: int | None = None
-    heldout_samples: int = 256
-    seed: int = 0
-    num_workers: int = 0
-    verify: bool = True
+    def __post_init__(self) -> None:
+        check_number("lr", self.lr, 0.0, None, lo_open=True)
+        for i, beta in enumerate(self.betas):
+            check_number(f"betas[{i}]", beta, 0.0, 1.0, hi_open=True)
+        check_number("eps", self.eps, 0.0, None, lo_open=True)
+        check_number("weight_decay", self.weight_decay, 0.0, None)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_number("warmup_steps", self.warmup_steps, 0, None)
+        check_number("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        check_number("grad_clip", self.grad_clip)
 
 
 @dataclass
@@ -75,6 +92,9 @@ class DeepSpeedConfig:
     precision: str = "auto"
     overrides: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        check_choice("precision", self.precision, PRECISIONS)
+
 
 @dataclass
 class EmaConfig:
@@ -85,17 +105,23 @@ class EmaConfig:
     decay: float = 0.9999
     warmup: bool = False
 
+    def __post_init__(self) -> None:
+        check_number("decay", self.decay, 0.0, 1.0)
+
 
 @dataclass
 class LogConfig:
-    """every: log interval in optimizer steps; eval_every: held-out evaluation (and the tokenizer's reconstruction
-    grid) interval, 0 = only at the end; grid_images: images in the reconstruction grid."""
+    """every: log interval in optimizer steps; eval_every: held-out evaluation interval (the task's metrics and
+    samples), 0 = only at the end; progress: a progress bar on stderr."""
 
     every: int = 10
     eval_every: int = 0
-    grid_images: int = 8
     progress: bool = True
     tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        check_number("every", self.every, 1, None)
+        check_number("eval_every", self.eval_every, 0, None)
 
 
 @dataclass
@@ -105,23 +131,32 @@ class CheckpointConfig:
     every: int = 1000
     keep_last: int = 2
 
+    def __post_init__(self) -> None:
+        check_number("every", self.every, 0, None)
+        check_number("keep_last", self.keep_last, 1, None)
+
 
 @dataclass
 class ExportConfig:
     """The inference folder written at the end of training. use_ema: null = the task's default (the tokenizer uses the
-    EMA weights when EMA is enabled); dtype: null (keep fp32), "float16" or "bfloat16"; dir: null = <run_dir>/export."""
+    EMA weights when EMA is enabled); dtype: null (keep fp32), "float16" or "bfloat16"; dir: null = <run_dir>/export
+    (an existing folder must hold an export of the same kind, and may not contain the run's checkpoints)."""
 
     enabled: bool = True
     use_ema: bool | None = None
     dtype: str | None = None
     dir: str | None = None
 
+    def __post_init__(self) -> None:
+        check_choice("dtype", self.dtype, EXPORT_DTYPES)
+
 
 @dataclass
 class TrainConfig:
     """One training run. batch_size is global (all processes, one optimizer step); micro_batch_size is per process
     and per forward pass (null: batch_size / processes); the difference is made up by gradient accumulation.
-    model: the task's model section (for the tokenizer: `preset` plus TokenizerConfig overrides)."""
+    model / data / eval: the task's own sections, parsed by the task (see `uniflow train KIND --help` and
+    docs/training.md): for the image tasks `data` is `train.data.ImageDataConfig`."""
 
     kind: str = "tokenizer"
     run_dir: str = "runs/run"
@@ -131,14 +166,22 @@ class TrainConfig:
     micro_batch_size: int | None = None
     gradient_checkpointing: bool = False
     model: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    eval: dict[str, Any] = field(default_factory=dict)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    data: DataConfig = field(default_factory=DataConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     source: str = field(default="<defaults>", repr=False, compare=False, metadata={"internal": True})
+
+    def __post_init__(self) -> None:
+        check_number("seed", self.seed, 0, None)
+        check_number("steps", self.steps, 1, None)
+        check_number("batch_size", self.batch_size, 1, None)
+        if self.micro_batch_size is not None:
+            check_number("micro_batch_size", self.micro_batch_size, 1, None)
 
     def to_dict(self) -> dict[str, Any]:
         out = to_dict(self)
@@ -147,127 +190,8 @@ class TrainConfig:
 
 
 # ------------------------------------------------------------------------------------------------------------ loading
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads `2e-4` as a string; learning rates are written that way, so floats accept it here."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-def parse_value(text: str) -> Any:
-    """A command-line value as YAML (numbers, true/false, null, [lists], {maps}); plain text stays text."""
-    try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError:
-        return text
-
-
-def read_file(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    text = path.read_text()
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=_Loader)  # noqa: S506
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot parse config ({exc})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-
-
-def _strip_optional(annotation: Any) -> tuple[Any, bool]:
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if len(args) == 1:
-            return args[0], True
-    return annotation, False
-
-
-def _coerce_number(value: Any, target: type, where: str) -> int | float:
-    """An int or float from a number or its text; bools are not numbers, and a float is an int only when whole."""
-    if isinstance(value, str):
-        try:
-            return target(value)
-        except ValueError:
-            pass
-    elif isinstance(value, (int, float)) and not isinstance(value, bool) and (
-            target is float or isinstance(value, int) or value.is_integer()):
-        return target(value)
-    raise ConfigError(f"{where}: expected {'an integer' if target is int else 'a number'}, got {value!r}")
-
-
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Check and convert a value to the field's type: ints widen to floats, text numbers parse, lists become tuples."""
-    target, optional = _strip_optional(annotation)
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{where}: null is not allowed (expected {getattr(target, '__name__', target)})")
-    if dataclasses.is_dataclass(target):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return value
-    origin = typing.get_origin(target)
-    if target is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
-            return value.lower() in ("true", "yes", "1", "on")
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if target in (int, float):
-        return _coerce_number(value, target, where)
-    if target is str:
-        return value if isinstance(value, str) else str(value)
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [parse_value(v.strip()) for v in value.strip("()[] ").split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        args = typing.get_args(target)
-        if args and args[-1] is not Ellipsis:
-            if len(args) != len(value):
-                raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
-            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-        return tuple(value)
-    if origin is dict or target is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return value
-    return value
-
-
-def _typed(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
-    """Validate names and coerce values of a (nested) section before the strict dataclass builder sees it."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {data!r}")
-    types_ = _field_types(cls)
-    unknown = sorted(set(data) - set(types_))
-    if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {unknown}; expected some of {sorted(types_)}")
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        sub_where = f"{where}.{key}" if where and not where.endswith(":") else f"{where} {key}"
-        coerced = _coerce(value, types_[key], sub_where)
-        target, _ = _strip_optional(types_[key])
-        if dataclasses.is_dataclass(target) and coerced is not None:
-            coerced = _typed(target, coerced, sub_where)
-        out[key] = coerced
-    return out
+# Fields that left a generic section for a task's own one: a one-line hint instead of a bare "unknown field".
+MOVED = {("log", "grid_images"): "eval.grid_images"}
 
 
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -289,11 +213,14 @@ def _check_override_path(dotted: str) -> None:
     cls: Any = TrainConfig
     keys = dotted.split(".")
     for i, key in enumerate(keys):
-        types_ = _field_types(cls)
-        if key not in types_:
+        fields = config_fields(cls)
+        if key not in fields:
+            moved = MOVED.get(tuple(keys[i - 1:i + 1])) if i else None
+            if moved:
+                raise ConfigError(f"override {dotted}: moved to {moved}")
             where = ".".join(keys[:i]) or "the run config"
-            raise ConfigError(f"override {dotted}: unknown field {key!r} in {where}; expected some of {sorted(types_)}")
-        target, _ = _strip_optional(types_[key])
+            raise ConfigError(f"override {dotted}: unknown field {key!r} in {where}; expected some of {sorted(fields)}")
+        target, _ = strip_optional(fields[key])
         if not dataclasses.is_dataclass(target):
             if i < len(keys) - 1 and not (typing.get_origin(target) is dict or target is dict):
                 raise ConfigError(f"override {dotted}: {'.'.join(keys[: i + 1])} is not a section")
@@ -318,46 +245,27 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
 def build_config(data: dict[str, Any], source: str = "<dict>", overrides: list[str] | None = None,
                  kind: str | None = None) -> TrainConfig:
     """A TrainConfig from a mapping plus `key=value` overrides; `kind` (from the CLI) must agree with the file."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
     data = copy.deepcopy(data)
     for key, value in parse_overrides(overrides or []):
         set_dotted(data, key, value)
+    for (section, name), new in MOVED.items():
+        if isinstance(data.get(section), dict) and name in data[section]:
+            raise ConfigError(f"{source}: {section}.{name} moved to {new}")
     if kind is not None:
         file_kind = data.get("kind")
         if file_kind is not None and file_kind != kind:
             raise ConfigError(f"{source}: kind is {file_kind!r} but the command trains {kind!r}")
         data["kind"] = kind
-    config = from_dict(TrainConfig, _typed(TrainConfig, data, f"{source}:"), source)
+    config = from_dict(TrainConfig, data, f"{source}:")
     config.source = source
-    validate(config)
     return config
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None, kind: str | None = None) -> TrainConfig:
     """Read a YAML/JSON run config, apply overrides, validate. Errors name the file and the field."""
-    return build_config(read_file(path), str(path), overrides, kind)
-
-
-def validate(config: TrainConfig) -> None:
-    src = config.source
-    checks = [
-        (config.steps >= 1, "steps must be >= 1"),
-        (config.batch_size >= 1, "batch_size must be >= 1"),
-        (config.micro_batch_size is None or config.micro_batch_size >= 1, "micro_batch_size must be >= 1"),
-        (config.optim.schedule in ("cosine", "constant"), "optim.schedule must be 'cosine' or 'constant'"),
-        (config.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
-        (config.optim.lr > 0, "optim.lr must be > 0"),
-        (0.0 <= config.ema.decay <= 1.0, "ema.decay must be in [0, 1]"),
-        (config.deepspeed.precision in ("auto", "fp32", "bf16"), "deepspeed.precision must be auto, fp32 or bf16"),
-        (config.data.source in ("shapeworld", "folder", "hf"), "data.source must be shapeworld, folder or hf"),
-        (config.log.every >= 1, "log.every must be >= 1"),
-        (config.checkpoint.every >= 0, "checkpoint.every must be >= 0"),
-        (config.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1"),
-        (config.export.dtype in (None, "float16", "bfloat16", "float32"),
-         "export.dtype must be null, float16, bfloat16 or float32"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(f"{src}: {message}")
+    return build_config(read_config_file(path), str(path), overrides, kind)
 
 
 def dump_yaml(config: TrainConfig) -> str:

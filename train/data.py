@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,25 +19,60 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
-from train.config import DataConfig
+from uniflow.configs import check_choice, check_number
 from uniflow.errors import ConfigError, ImageInputError
+from uniflow.images import open_image, preprocess, probe_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif", ".jfif")
+
+SOURCES = ("shapeworld", "folder", "hf")
+
+
+@dataclass
+class ImageDataConfig:
+    """The `data` section of the image tasks (encoder, tokenizer): where images come from.
+
+    source: "shapeworld" (rendered on demand), "folder" (ImageNet layout: path/<class>/<image>) or "hf" (`datasets`:
+        a `save_to_disk` folder, data files such as `*.parquet`, or a hub name).
+    path / heldout_path: folder, files or hub name for the train and held-out sets ("folder"/"hf").
+    split / heldout_split: `datasets` split names ("hf"), or ShapeWorld splits.
+    num_samples: ShapeWorld training set size (null: the split's default); heldout_samples: images used for
+        periodic evaluation (all sources).
+    verify: open every image header of a folder once at start, skipping and counting unreadable files.
+    num_workers: DataLoader worker processes (0: load in the training process).
+    """
+
+    source: str = "shapeworld"
+    path: str | None = None
+    heldout_path: str | None = None
+    split: str = "train"
+    heldout_split: str | None = None
+    image_key: str = "image"
+    label_key: str = "label"
+    image_size: int = 64
+    num_samples: int | None = None
+    heldout_samples: int = 256
+    seed: int = 0
+    num_workers: int = 0
+    verify: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice("source", self.source, SOURCES)
+        check_number("image_size", self.image_size, 1, None)
+        if self.num_samples is not None:
+            check_number("num_samples", self.num_samples, 1, None)
+        check_number("heldout_samples", self.heldout_samples, 0, None)
+        check_number("seed", self.seed, 0, None)
+        check_number("num_workers", self.num_workers, 0, None)
 _UNREADABLE = (OSError, UnidentifiedImageError, ValueError, SyntaxError)
 
 
 def to_tensor(image: Image.Image, size: int) -> torch.Tensor:
-    """PIL image -> (3, size, size) float in [0, 1]: shorter side resized to `size`, then centre-cropped."""
-    image = image.convert("RGB")
-    w, h = image.size
-    if (w, h) != (size, size):
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        image = image.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        image = image.crop((left, top, left + size, top + size))
-    arr = np.asarray(image, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+    """PIL image -> (3, size, size) float in [0, 1]: shorter side resized to `size`, then centre-cropped.
+
+    The same function as inference's `prepare(resize=True)` (`uniflow.images.preprocess`), so a file gives identical
+    tensors in training and at inference."""
+    return preprocess(image, size)
 
 
 class ImageFolderDataset(Dataset):
@@ -67,10 +103,9 @@ class ImageFolderDataset(Dataset):
             good = []
             for path, label in files:
                 try:
-                    with Image.open(path) as im:
-                        im.size  # noqa: B018 - reading the header is the check
+                    probe_image(path)  # the header only: unreadable files and pixel-limit bombs are skipped
                     good.append((path, label))
-                except _UNREADABLE as exc:
+                except ImageInputError as exc:
                     self.skipped.append((path, f"{type(exc).__name__}: {exc}"))
             if not good:
                 raise ImageInputError(
@@ -97,9 +132,8 @@ class ImageFolderDataset(Dataset):
         for attempt in range(len(self.files)):
             path, label = self.files[(index + attempt) % len(self.files)]
             try:
-                with Image.open(path) as im:
-                    image = to_tensor(im, self.image_size)
-            except _UNREADABLE as exc:
+                image = to_tensor(open_image(path, size=self.image_size), self.image_size)
+            except ImageInputError as exc:
                 warnings.warn(f"{path}: cannot decode ({exc}); using the next image instead", stacklevel=2)
                 continue
             return {"image": image, "label": label, "index": index}
@@ -131,11 +165,12 @@ class HFImageDataset(Dataset):
             if value.get("bytes"):
                 import io
 
-                return Image.open(io.BytesIO(value["bytes"]))
+                return open_image(io.BytesIO(value["bytes"]), size=self.image_size,
+                                  name=f"column {self.image_key!r} (bytes)")
             if value.get("path"):
-                return Image.open(value["path"])
+                return open_image(value["path"], size=self.image_size)
         if isinstance(value, (str, Path)):
-            return Image.open(value)
+            return open_image(value, size=self.image_size)
         if isinstance(value, np.ndarray):
             return Image.fromarray(value)
         raise ImageInputError(f"column {self.image_key!r}: cannot read an image from {type(value).__name__}")
@@ -176,8 +211,8 @@ def load_hf_rows(path: str, split: str | None, field: str = "data.path") -> Any:
     return ds
 
 
-def build_dataset(data: DataConfig, heldout: bool = False) -> Dataset | None:
-    """The training (or held-out) dataset a DataConfig describes; held-out is None when none is configured."""
+def build_dataset(data: ImageDataConfig, heldout: bool = False) -> Dataset | None:
+    """The training (or held-out) dataset an ImageDataConfig describes; held-out is None when none is configured."""
     if data.source == "shapeworld":
         from uniflow.data.shapeworld import ShapeWorldDataset
 

@@ -7,7 +7,6 @@ overridden with a warning (two sources of truth silently disagreeing is how runs
 
 from __future__ import annotations
 
-import copy
 import warnings
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import torch
 
 from train.config import TrainConfig
-from uniflow.configs import read_json
+from uniflow.configs import deep_merge, read_json
 from uniflow.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -39,16 +38,6 @@ def read_ds_json(name: str) -> dict[str, Any]:
         if section in data:
             raise ConfigError(f"{path}: remove the {section!r} section; the run config's `optim` sets it")
     return data
-
-
-def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

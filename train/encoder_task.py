@@ -1,7 +1,7 @@
 """Task "encoder": pretrain the tiny ViT on ShapeWorld labels, so the tokenizer has a *pretrained* encoder to adapt.
 
-Model: the encoder of a tokenizer preset (`tiny` by default) + mean-pooled last-layer tokens -> LayerNorm -> Linear to
-the classes, trained with cross-entropy. Export writes `encoder.safetensors` in exactly the key layout that
+Model: the encoder of a tokenizer preset (`model.preset`, required) + mean-pooled last-layer tokens -> LayerNorm ->
+Linear to the classes, trained with cross-entropy. Export writes `encoder.safetensors` in exactly the key layout that
 `EncoderConfig.pretrained` loads (the backend model's own state dict), the head as `classifier.safetensors`, the
 encoder config and the held-out accuracy.
 """
@@ -20,11 +20,19 @@ from safetensors.torch import save_file
 from torch import nn
 
 from train.distributed import all_reduce_sum
-from train.tasks import EvalContext, Task, autocast_for, heldout_batches, model_section, module_device_dtype
-from uniflow.checkpoint import atomic_write_dir
+from train.tasks import (
+    EvalContext,
+    ImageTask,
+    autocast_for,
+    encoder_state,
+    heldout_batches,
+    model_section,
+    module_device_dtype,
+)
 from uniflow.configs import from_dict, to_dict
 from uniflow.encoders import EncoderConfig, build_encoder
-from uniflow.errors import ConfigError
+from uniflow.errors import ConfigError, OutputError
+from uniflow.fileio import atomic_write_dir
 
 ENCODER_WEIGHTS = "encoder.safetensors"
 CLASSIFIER_WEIGHTS = "classifier.safetensors"
@@ -65,42 +73,57 @@ class EncoderClassifier(nn.Module):
 def _preset_encoder(name: str) -> dict[str, Any]:
     from uniflow.presets import get_preset
 
-    return to_dict(get_preset(name).encoder)
+    return {"encoder": to_dict(get_preset(name).encoder)}
 
 
-class EncoderTask(Task):
+class EncoderTask(ImageTask):
     kind = "encoder"
 
     def __init__(self, config: Any, dry_run: bool = False) -> None:
         super().__init__(config, dry_run)
+        from uniflow.presets import PRESETS
+
         section = dict(config.model)
-        section.setdefault("preset", "tiny")
         unknown = sorted(set(section) - {"preset", "encoder", "num_classes"})
         if unknown:
             raise ConfigError(f"{config.source}: model: unknown field(s) {unknown}; expected some of "
                               f"['encoder', 'num_classes', 'preset']")
         num_classes = section.pop("num_classes", None)
-        merged, source = model_section(dataclasses.replace(config, model=section),
-                                       lambda name: {"encoder": _preset_encoder(name)})
+        merged, source = model_section(dataclasses.replace(config, model=section), _preset_encoder, sorted(PRESETS))
         self.encoder_config = from_dict(EncoderConfig, merged.get("encoder", {}), f"{source}.encoder")
         if num_classes is None:
             from uniflow.data.shapeworld import NUM_CLASSES
 
             num_classes = NUM_CLASSES
-        self.num_classes = int(num_classes)
-        if config.data.image_size % self.encoder_config.patch_size:
-            raise ConfigError(f"{config.source}: data.image_size {config.data.image_size} is not divisible by "
-                              f"model.encoder.patch_size {self.encoder_config.patch_size}")
-        if config.data.source != "shapeworld" and self.config.model.get("num_classes") is None:
-            warnings.warn("model.num_classes is not set: using ShapeWorld's class count", stacklevel=2)
+            if self.data.source != "shapeworld":
+                warnings.warn("model.num_classes is not set: using ShapeWorld's class count", stacklevel=2)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ConfigError(f"{source}.num_classes: expected an integer >= 1, got {num_classes!r}")
+        self.num_classes = num_classes
+        self.check_patch_size(self.encoder_config.patch_size)
 
     def build_model(self) -> nn.Module:
-        return EncoderClassifier(self.encoder_config, self.num_classes, self.config.gradient_checkpointing)
+        config = dataclasses.replace(self.encoder_config, pretrained=None)
+        return EncoderClassifier(config, self.num_classes, self.config.gradient_checkpointing)
+
+    def initial_state(self) -> dict[str, torch.Tensor] | None:
+        return encoder_state(self.encoder_config, ["encoder."])
+
+    def check_export_dir(self, dest: Path) -> None:
+        """The export is an encoder folder (no config.json): an existing one is replaced, anything else refused."""
+        from uniflow.checkpoint import check_output_dir
+
+        check_output_dir(dest, "export.dir")
+        if dest.is_dir() and any(not p.name.startswith(".") for p in dest.iterdir()) \
+                and not (dest / ENCODER_CONFIG).is_file():
+            raise OutputError(f"export.dir: {dest} is not empty and is not an encoder export (no {ENCODER_CONFIG}); "
+                              "choose a new or empty folder")
 
     @torch.no_grad()
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         correct = torch.zeros(2)
-        for batch, weight in heldout_batches(ctx.heldout, self.config.data.heldout_samples, ctx.batch_size, ctx.dist):
+        for batch, weight in heldout_batches(ctx.heldout, self.data.heldout_samples, ctx.batch_size, ctx.dist,
+                                             ctx.collate):
             logits = ctx.forward(batch, mode="logits").float().cpu()
             hit = (logits.argmax(-1) == batch["label"]).float()
             correct += torch.stack([(hit * weight).sum(), weight.sum()])

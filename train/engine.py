@@ -1,8 +1,12 @@
 """The one training loop, for every model kind, on DeepSpeed.
 
-    config -> task (model, data) -> deepspeed.initialize (ZeRO stage from JSON, batch/precision from the run config)
+    config -> task (its sections, data, collate) -> checks: a new run folder (or --resume), the export folder
+           -> model built in the run's ZeRO context (ZeRO-3: deepspeed.zero.Init + HfDeepSpeedConfig, partitioned as
+              it is built) -> initial weights (task.initial_state; ZeRO-3: scattered from rank 0, see train/tasks.py)
+           -> deepspeed.initialize (ZeRO stage from JSON, batch/precision from the run config; the task's param groups)
            -> [resume: model, optimizer, scheduler, EMA, RNG, data position]
-           -> micro-batches: forward, backward, step (DeepSpeed accumulates and clips) -> EMA -> log / eval / checkpoint
+           -> micro-batches: forward, backward, step (DeepSpeed accumulates and clips) -> stop on a non-finite loss
+           -> EMA -> log (throughput in the task's unit) / eval / checkpoint
            -> final evaluation, checkpoint and export of the inference folder
 
 Determinism: the model is built from `seed` on every rank (identical weights), then each rank reseeds with
@@ -12,10 +16,13 @@ exactly the noise and batches that the uninterrupted run drew.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import random
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,14 +34,19 @@ from torch.utils.data import DataLoader
 from train import checkpointing
 from train.config import TrainConfig, dump_yaml
 from train.data import ResumableShardSampler
-from train.distributed import DistInfo, all_reduce_mean, barrier, setup_distributed
+from train.distributed import DistInfo, all_reduce_mean, all_reduce_sum, barrier, broadcast_object, setup_distributed
 from train.ds_config import batch_layout, build_ds_config, resolve_precision, zero_stage
 from train.ema import EMA
 from train.export import export_model
-from train.metrics_log import MetricsLog, truncate_metrics
+from train.metrics_log import METRICS_NAME, MetricsLog, truncate_metrics
 from train.optim import WarmupSchedule, build_optimizer, lr_factor
-from train.tasks import EvalContext, Task, get_task
-from uniflow.errors import ConfigError
+from train.registry import get_task
+from train.tasks import EvalContext, Task
+from uniflow.errors import CheckpointError, ConfigError, OutputError, UniFlowError
+
+
+class TrainingDiverged(UniFlowError):
+    """The loss became NaN or infinite: training stops at once, and nothing is exported."""
 
 
 @dataclass
@@ -50,6 +62,7 @@ class RunResult:
     ema: EMA | None = None
     task: Task | None = None
     dist: DistInfo | None = None
+    built_numel: tuple[int, int] = (0, 0)  # (elements this rank held, elements of the model) right after the build
 
 
 def seed_all(seed: int) -> None:
@@ -67,16 +80,16 @@ class _Window:
     def reset(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
-        self.images = 0
+        self.units = 0  # this process's images / tokens / ... (the task's count_unit)
         self.data_time = 0.0
         self.start = time.perf_counter()
 
-    def add(self, metrics: dict[str, torch.Tensor], images: int) -> None:
+    def add(self, metrics: dict[str, torch.Tensor], units: int) -> None:
         for key, value in metrics.items():
             value = value.detach().float()
             self.sums[key] = self.sums[key] + value if key in self.sums else value
         self.count += 1
-        self.images += images
+        self.units += units
 
 
 def _log_info(dist_info: DistInfo, message: str) -> None:
@@ -104,7 +117,167 @@ def _gather_nested_params_with_root(root: torch.nn.Module) -> None:
                 register_external_parameter(root, p)
 
 
-def train(config: TrainConfig, resume: str | Path | bool | None = None, export_only: bool = False) -> RunResult:
+def _local_numel(p: torch.Tensor) -> int:
+    """Elements this process holds: under ZeRO-3 its partition plus the whole tensor where one is kept (parameters
+    below the persistence threshold); otherwise the whole tensor."""
+    return p.ds_tensor.numel() + p.data.numel() if hasattr(p, "ds_tensor") else p.numel()
+
+
+def _full_numel(p: torch.Tensor) -> int:
+    return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+
+
+def check_new_run(run_dir: Path) -> None:
+    """A run folder that already holds checkpoints or metrics is continued with --resume, never silently mixed."""
+    ckpts = checkpointing.checkpoints_dir(run_dir)
+    found = []
+    if ckpts.is_dir() and any(p.name.startswith("step_") for p in ckpts.iterdir()):
+        found.append("checkpoints")
+    metrics = run_dir / METRICS_NAME
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        found.append(METRICS_NAME)
+    if found:
+        raise OutputError(f"run_dir: {run_dir} already holds a run ({' and '.join(found)}); continue it with "
+                          f"--resume, or choose a new run_dir (run_dir=... on the command line)")
+
+
+def export_destination(config: TrainConfig, task: Task, run_dir: Path) -> Path:
+    """The export folder, checked before any training: not the run folder, not above it, not inside its checkpoints,
+    and either new, empty or an inference folder of this task's kind (replaced at the end)."""
+    dest = Path(config.export.dir) if config.export.dir else run_dir / "export"
+    d, r = dest.resolve(), run_dir.resolve()
+    if d == r or r.is_relative_to(d) or d.is_relative_to(r / "checkpoints"):
+        raise OutputError(f"export.dir: {dest} would overwrite the run folder {run_dir} (its checkpoints and "
+                          f"metrics); choose a folder outside it or a sub-folder such as {run_dir / 'export'}")
+    task.check_export_dir(dest)
+    return dest
+
+
+@contextlib.contextmanager
+def _init_skips_partitioned() -> Iterator[None]:
+    """While building under zero.Init, `torch.nn.init` functions leave partitioned parameters (empty local data)
+    alone: a parent module initialising its children's weights would otherwise fail (xavier needs a shape) or do
+    nothing. Their values come from the reference build instead (`_initialise`); a gathered parameter (whole data,
+    e.g. inside `transformers`' own ZeRO-3 init) is initialised normally."""
+
+    def guard(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def init(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if hasattr(tensor, "ds_id") and tensor.numel() == 0:
+                return tensor
+            return fn(tensor, *args, **kwargs)
+
+        return init
+
+    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")
+             and callable(getattr(torch.nn.init, n))]
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    try:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, guard(fn))
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
+def _build_model(task: Task, ds_config: dict[str, Any], stage: int) -> torch.nn.Module:
+    """The task's module, built in the run's ZeRO context: under ZeRO-3 every parameter is partitioned as soon as its
+    module is constructed (`deepspeed.zero.Init`, the run's dtype and offload), and `transformers`' HfDeepSpeedConfig
+    is alive so `from_pretrained` partitions while it loads. It is dropped right after: left alive it would make every
+    later `transformers` model in this process believe ZeRO-3 is on."""
+    if stage < 3:
+        return task.build_model()
+    import deepspeed
+
+    hf_zero3 = None
+    try:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_zero3 = HfDeepSpeedConfig(ds_config)
+    except ImportError:
+        pass
+    try:
+        with deepspeed.zero.Init(config_dict_or_path=ds_config), _init_skips_partitioned():
+            return task.build_model()
+    finally:
+        del hf_zero3
+
+
+def _check_state(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> str | None:
+    """A one-line problem (unknown names, wrong shapes) of loading `state` into `module`, or None."""
+    shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in module.named_parameters(remove_duplicate=False)}
+    shapes.update({n: tuple(b.shape) for n, b in module.named_buffers(remove_duplicate=False)})
+    unknown = sorted(set(state) - set(shapes))
+    wrong = sorted(n for n in set(state) & set(shapes) if tuple(state[n].shape) != shapes[n])
+    if unknown or wrong:
+        return (f"{source}: the initial weights do not match the model (unknown {unknown[:5]}, mis-shaped "
+                f"{[(n, tuple(state[n].shape), shapes[n]) for n in wrong[:3]]})")
+    return None
+
+
+@torch.no_grad()
+def _load_whole(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    problem = _check_state(module, state, source)
+    if problem:
+        raise CheckpointError(problem)
+    own = module.state_dict(keep_vars=True)
+    for name, value in state.items():
+        own[name].copy_(value)
+
+
+@torch.no_grad()
+def _scatter(module: torch.nn.Module, state: dict[str, torch.Tensor] | None, dist_info: DistInfo, source: str
+             ) -> None:
+    """Collective: rank 0's `state` into a ZeRO-3 partitioned module, one gathered parameter at a time (rank 0
+    writes, DeepSpeed re-partitions); buffers are broadcast from rank 0."""
+    import deepspeed
+    import torch.distributed as dist
+
+    problem = _check_state(module, state, source) if dist_info.is_main else None
+    names = broadcast_object((problem, sorted(state)) if dist_info.is_main else None)
+    problem, names = names
+    if problem:
+        raise CheckpointError(problem)
+    params = dict(module.named_parameters(remove_duplicate=False))
+    buffers = dict(module.named_buffers(remove_duplicate=False))
+    for name in names:
+        if name in params:
+            with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0):
+                if dist_info.is_main:
+                    params[name].data.copy_(state[name])
+        else:
+            buffer = buffers[name]
+            if dist_info.is_main:
+                buffer.copy_(state[name])
+            if dist_info.world_size > 1:
+                dist.broadcast(buffer, src=0)
+
+
+def _initialise(task: Task, model: torch.nn.Module, stage: int, dist_info: DistInfo, seed: int) -> None:
+    """Set the model's initial weights (see train/tasks.py): the task's `initial_state` under ZeRO 0/2; under ZeRO-3
+    rank 0's plain reference build (same seed, initial state loaded) or the initial state alone, scattered."""
+    source = f"{task.kind} task"
+    if stage < 3:
+        state = task.initial_state()
+        if state:
+            _load_whole(model, state, source)
+        return
+    state = None
+    if dist_info.is_main:
+        state = task.initial_state()
+        if task.zero3_reference_init:
+            seed_all(seed)
+            reference = task.build_model()
+            if state:
+                _load_whole(reference, state, source)
+            state = reference.state_dict()
+            del reference
+    _scatter(model, state or {}, dist_info, source)
+
+
+def train(config: TrainConfig, resume: str | Path | bool | None = None, export_only: bool = False,
+          trust_checkpoint: bool = False) -> RunResult:
     """Run (or resume, or only export) one training run. resume: True = latest checkpoint of the run folder, or a
     run folder / checkpoint folder path."""
     task = get_task(config.kind)(config)
@@ -114,6 +287,9 @@ def train(config: TrainConfig, resume: str | Path | bool | None = None, export_o
         ckpt_path = checkpointing.find_checkpoint(run_dir if resume is True else resume)
     elif export_only:
         raise ConfigError("--export-only needs a checkpoint: pass --resume [DIR]")
+    else:
+        check_new_run(run_dir)
+    export_dir = export_destination(config, task, run_dir) if config.export.enabled else None
     train_ds, heldout_ds = task.build_datasets()
 
     dist_info = setup_distributed()
@@ -134,16 +310,19 @@ def train(config: TrainConfig, resume: str | Path | bool | None = None, export_o
     barrier()
 
     seed_all(config.seed)
-    model = task.build_model()
+    model = _build_model(task, ds_config, stage)
+    built_numel = (sum(_local_numel(p) for p in model.parameters()), sum(_full_numel(p) for p in model.parameters()))
+    _initialise(task, model, stage, dist_info, config.seed)
     if stage < 3:
         model.to(dist_info.device)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    optimizer = build_optimizer(model, config.optim)
+    trainable = sum(_full_numel(p) for p in model.parameters() if p.requires_grad)
+    frozen = sum(_full_numel(p) for p in model.parameters() if not p.requires_grad)
+    optimizer = build_optimizer(model, config.optim, task.param_groups(model))
+    group_lrs = {g["name"]: g["base_lr"] for g in optimizer.param_groups if not g["name"].endswith("/no_decay")}
 
     import deepspeed
 
-    engine, _, _, scheduler = deepspeed.initialize(
+    engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config, dist_init_required=False,
         lr_scheduler=lambda opt: WarmupSchedule(opt, config.steps, config.optim),
     )
@@ -159,7 +338,8 @@ def train(config: TrainConfig, resume: str | Path | bool | None = None, export_o
 
     state = checkpointing.TrainState()
     if ckpt_path is not None:
-        state, _ = checkpointing.load_checkpoint(engine, ckpt_path, config.kind, dist_info, stage, ema)
+        state, _ = checkpointing.load_checkpoint(engine, ckpt_path, config.kind, dist_info, stage, ema,
+                                                 trust_checkpoint=trust_checkpoint)
         _log_info(dist_info, f"resumed from {ckpt_path} at step {state.step} (epoch {state.epoch}, "
                              f"sample {state.position} of this process's shard)")
         if dist_info.is_main and not export_only:
@@ -168,7 +348,8 @@ def train(config: TrainConfig, resume: str | Path | bool | None = None, export_o
     else:
         seed_all(config.seed * 1_000_003 + 7919 * (dist_info.rank + 1))
 
-    result = RunResult(run_dir=run_dir, state=state, engine=engine, ema=ema, task=task, dist=dist_info)
+    result = RunResult(run_dir=run_dir, state=state, engine=engine, ema=ema, task=task, dist=dist_info,
+                       built_numel=built_numel)
     log = MetricsLog(run_dir, dist_info.is_main and not export_only, config.log.tensorboard)
 
     def evaluate(final: bool) -> dict[str, float]:
@@ -178,7 +359,8 @@ def train(config: TrainConfig, resume: str | Path | bool | None = None, export_o
         try:
             ctx = EvalContext(forward=engine, heldout=heldout_ds, dist=dist_info, step=state.step, run_dir=run_dir,
                               batch_size=micro, final=final,
-                              ema_scope=ema.swapped_in if ema is not None and stage < 3 else None)
+                              ema_scope=ema.swapped_in if ema is not None and stage < 3 else None,
+                              module=engine.module, partitioned=stage == 3, collate=task.collate)
             metrics = task.evaluate(ctx)
         finally:
             engine.train()
@@ -194,8 +376,8 @@ def train(config: TrainConfig, resume: str | Path | bool | None = None, export_o
 
     try:
         if not export_only:
-            _train_loop(config, engine, scheduler, ema, train_ds, sampler, state, micro, accum, dist_info, log,
-                        result, evaluate, checkpoint)
+            _train_loop(config, task, engine, ema, train_ds, sampler, state, micro, accum, dist_info, log,
+                        result, evaluate, checkpoint, group_lrs, ckpt_path)
             if result.last_checkpoint is None or result.last_checkpoint.name != checkpointing.step_name(state.step):
                 checkpoint()
         final_metrics = evaluate(final=True)
@@ -203,8 +385,7 @@ def train(config: TrainConfig, resume: str | Path | bool | None = None, export_o
             use_ema = config.export.use_ema
             if use_ema is None:
                 use_ema = task.default_export_ema and ema is not None
-            out_dir = Path(config.export.dir) if config.export.dir else run_dir / "export"
-            result.export_dir = export_model(task, engine.module, dist_info, stage == 3, out_dir, ema, use_ema,
+            result.export_dir = export_model(task, engine.module, dist_info, stage == 3, export_dir, ema, use_ema,
                                              config.export.dtype, {"step": state.step, **final_metrics})
             if result.export_dir is not None:
                 _log_info(dist_info, f"exported {'EMA ' if use_ema else ''}weights to {result.export_dir}")
@@ -213,9 +394,10 @@ def train(config: TrainConfig, resume: str | Path | bool | None = None, export_o
     return result
 
 
-def _train_loop(config: TrainConfig, engine: Any, scheduler: Any, ema: EMA | None, train_ds: Any,
+def _train_loop(config: TrainConfig, task: Task, engine: Any, ema: EMA | None, train_ds: Any,
                 sampler: ResumableShardSampler, state: checkpointing.TrainState, micro: int, accum: int,
-                dist_info: DistInfo, log: MetricsLog, result: RunResult, evaluate: Any, checkpoint: Any) -> None:
+                dist_info: DistInfo, log: MetricsLog, result: RunResult, evaluate: Any, checkpoint: Any,
+                group_lrs: dict[str, float], resumed_from: Path | None) -> None:
     progress = None
     if dist_info.is_main and config.log.progress:
         from tqdm import tqdm
@@ -223,14 +405,16 @@ def _train_loop(config: TrainConfig, engine: Any, scheduler: Any, ema: EMA | Non
         progress = tqdm(total=config.steps, initial=state.step, desc=f"train {config.kind}", unit="step",
                         file=sys.stderr, dynamic_ncols=True)
     window = _Window()
-    images_per_micro = micro * dist_info.world_size
+    unit = task.count_unit
+    nonfinite = torch.zeros((), device=dist_info.device)
     micro_in_step = 0
     done = state.step >= config.steps
     try:
         while not done:
             sampler.set_epoch(state.epoch, state.position)
             loader = DataLoader(train_ds, batch_size=micro, sampler=sampler, drop_last=True,
-                                num_workers=config.data.num_workers, pin_memory=dist_info.device.type == "cuda",
+                                num_workers=task.num_workers, collate_fn=task.collate,
+                                pin_memory=dist_info.device.type == "cuda",
                                 generator=torch.Generator().manual_seed(config.seed + state.epoch))
             batches = iter(loader)
             while True:
@@ -240,24 +424,32 @@ def _train_loop(config: TrainConfig, engine: Any, scheduler: Any, ema: EMA | Non
                 except StopIteration:
                     break
                 window.data_time += time.perf_counter() - t0
+                units = task.batch_count(batch)
                 out = engine(batch)
+                nonfinite += (~torch.isfinite(out["loss"].detach())).sum()  # no device sync here
                 engine.backward(out["loss"])
                 engine.step()
                 state.position += micro
-                window.add(out["metrics"], images_per_micro)
+                window.add(out["metrics"], units)
                 micro_in_step += 1
                 if micro_in_step < accum:
                     continue
                 micro_in_step = 0
                 state.step += 1
+                if all_reduce_sum(nonfinite.reshape(1).float()).item() > 0:  # one sync per optimizer step
+                    last = result.last_checkpoint or resumed_from
+                    raise TrainingDiverged(
+                        f"step {state.step}: the training loss is not finite (NaN or inf); training stopped and "
+                        f"nothing was exported; last good checkpoint: {last or 'none'} (resume from it with a lower "
+                        f"optim.lr, or check the data)")
                 if ema is not None:
                     ema.update()
                 if state.step % config.log.every == 0 or state.step == config.steps:
-                    row = _log_row(config, state, window, dist_info)
+                    row = _log_row(config, state, window, dist_info, unit, group_lrs)
                     log.write(row)
                     result.history.append(row)
                     if progress is not None:
-                        progress.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.1f}")
+                        progress.set_postfix({"loss": f"{row['loss']:.4f}", f"{unit}/s": f"{row[unit + '_per_s']:.1f}"})
                     window.reset()
                 if progress is not None:
                     progress.update(1)
@@ -276,17 +468,21 @@ def _train_loop(config: TrainConfig, engine: Any, scheduler: Any, ema: EMA | Non
             progress.close()
 
 
-def _log_row(config: TrainConfig, state: checkpointing.TrainState, window: _Window, dist_info: DistInfo
-             ) -> dict[str, Any]:
+def _log_row(config: TrainConfig, state: checkpointing.TrainState, window: _Window, dist_info: DistInfo,
+             unit: str, group_lrs: dict[str, float]) -> dict[str, Any]:
     keys = sorted(window.sums)
     values = torch.stack([window.sums[k] for k in keys]).to(dist_info.device) / max(window.count, 1)
     values = all_reduce_mean(values).cpu().tolist()
     elapsed = max(time.perf_counter() - window.start, 1e-9)
-    times = all_reduce_mean(torch.tensor([window.data_time, elapsed], device=dist_info.device)).cpu().tolist()
-    row: dict[str, Any] = {"step": state.step, "kind": "train", "epoch": state.epoch,
-                           "lr": config.optim.lr * lr_factor(state.step - 1, config.steps, config.optim)}
+    sums = all_reduce_sum(torch.tensor([window.data_time, elapsed, float(window.units)], dtype=torch.float64,
+                                       device=dist_info.device)).cpu().tolist()
+    data_time, elapsed = sums[0] / dist_info.world_size, sums[1] / dist_info.world_size
+    factor = lr_factor(state.step - 1, config.steps, config.optim)
+    row: dict[str, Any] = {"step": state.step, "kind": "train", "epoch": state.epoch, "lr": config.optim.lr * factor}
+    if len(group_lrs) > 1:
+        row.update({f"lr_{name}": base * factor for name, base in group_lrs.items()})
     row.update(dict(zip(keys, values)))
-    row["images_per_s"] = window.images / times[1]
-    row["data_share"] = times[0] / times[1]
+    row[f"{unit}_per_s"] = sums[2] / elapsed
+    row["data_share"] = data_time / elapsed
     row["time"] = time.time()
     return row

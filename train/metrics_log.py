@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 from pathlib import Path
 from typing import Any
+
+from uniflow.fileio import atomic_write_text
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -37,9 +38,7 @@ def truncate_metrics(run_dir: str | Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [row for row in read_metrics(run_dir) if int(row.get("step", 0)) <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
 
 
 def _clean(value: Any) -> Any:

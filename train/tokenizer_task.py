@@ -1,15 +1,17 @@
 """Task "tokenizer": adapt a pretrained encoder into the UniFlow tokenizer (self-distillation + pixel flow decoder).
 
-The model section is a preset name plus TokenizerConfig overrides; `model.encoder.pretrained` names the encoder
-weights (e.g. the export of the "encoder" task). The frozen teacher is a copy of that encoder, held by the training
-module (not the tokenizer) and excluded from the optimizer. Evaluation reports held-out PSNR of 1-step (the config's
-default) reconstructions and writes a grid PNG: held-out images on top, reconstructions below.
+The model section is a preset name (required) plus TokenizerConfig overrides; `model.encoder.pretrained` names the
+encoder weights (e.g. the export of the "encoder" task). The frozen teacher starts as a copy of that encoder, held by
+the training module (not the tokenizer) and excluded from the optimizer. Evaluation reports held-out PSNR of 1-step
+(the config's default) reconstructions and writes a grid PNG (`eval.grid_images` held-out images on top,
+reconstructions below).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,25 +21,48 @@ from PIL import Image
 from torch import nn
 
 from train.distributed import all_reduce_sum
-from train.tasks import EvalContext, Task, autocast_for, heldout_batches, model_section, module_device_dtype
+from train.tasks import (
+    EvalContext,
+    ImageTask,
+    autocast_for,
+    encoder_state,
+    heldout_batches,
+    model_section,
+    module_device_dtype,
+)
 from uniflow.checkpoint import load_state_strict
+from uniflow.configs import check_number
 from uniflow.distill import FrozenTeacher
+from uniflow.encoders import build_encoder
 from uniflow.errors import ConfigError
+from uniflow.fileio import atomic_write_file
 from uniflow.metrics import psnr
-from uniflow.tokenizer import TokenizerConfig, UniFlowTokenizer
+from uniflow.tokenizer import MODEL_KIND, TokenizerConfig, UniFlowTokenizer
 
 EVAL_SEED = 1234  # decoder noise of the periodic evaluation: fixed, and independent of the training RNG
 
 
-class TokenizerTrainModule(nn.Module):
-    """The tokenizer plus, when distilling, its frozen teacher (a copy of the initial encoder). DeepSpeed's forward
-    runs both the loss and the evaluation reconstructions. The teacher lives here, not in the tokenizer: inference
-    folders never hold it, and it is excluded from the optimizer and from training checkpoints (it is frozen)."""
+@dataclass
+class TokenizerEvalConfig:
+    """The tokenizer's `eval` section. grid_images: held-out images in each reconstruction grid
+    (<run_dir>/samples/recon_stepN.png); 0: no grid."""
 
-    def __init__(self, tokenizer: UniFlowTokenizer, distill: bool) -> None:
+    grid_images: int = 8
+
+    def __post_init__(self) -> None:
+        check_number("grid_images", self.grid_images, 0, None)
+
+
+class TokenizerTrainModule(nn.Module):
+    """The tokenizer plus, when distilling, its frozen teacher (a second encoder holding the initial encoder weights).
+    DeepSpeed's forward runs both the loss and the evaluation reconstructions. The teacher lives here, not in the
+    tokenizer: inference folders never hold it, and it is excluded from the optimizer and from training checkpoints
+    (it is frozen)."""
+
+    def __init__(self, tokenizer: UniFlowTokenizer, teacher: FrozenTeacher | None) -> None:
         super().__init__()
         self.tokenizer = tokenizer
-        self.teacher = FrozenTeacher(tokenizer.encoder) if distill else None
+        self.teacher = teacher
 
     def forward(self, batch: dict[str, Any], mode: str = "loss", steps: int | None = None, seed: int = EVAL_SEED
                 ) -> Any:
@@ -62,6 +87,10 @@ def _preset(name: str) -> dict[str, Any]:
     return get_preset(name).to_dict()
 
 
+def _is_partitioned(module: nn.Module) -> bool:
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
 def save_grid(originals: torch.Tensor, recons: torch.Tensor, path: Path) -> None:
     """Two rows: originals above reconstructions, 2-px white gutters."""
     n, _, h, w = originals.shape
@@ -72,21 +101,21 @@ def save_grid(originals: torch.Tensor, recons: torch.Tensor, path: Path) -> None
         canvas[:, gap:gap + h, x:x + w] = originals[i]
         canvas[:, 2 * gap + h:2 * gap + 2 * h, x:x + w] = recons[i]
     arr = (canvas.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(arr).save(tmp, format="PNG")
-    tmp.replace(path)
+    atomic_write_file(path, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
 
 
-class TokenizerTask(Task):
+class TokenizerTask(ImageTask):
     kind = "tokenizer"
     default_export_ema = True
+    eval_config = TokenizerEvalConfig
+    export_kind = MODEL_KIND
+    eval_options: TokenizerEvalConfig
 
     def __init__(self, config: Any, dry_run: bool = False) -> None:
         super().__init__(config, dry_run)
-        section = dict(config.model)
-        section.setdefault("preset", "tiny")
-        merged, source = model_section(dataclasses.replace(config, model=section), _preset)
+        from uniflow.presets import PRESETS
+
+        merged, source = model_section(config, _preset, sorted(PRESETS))
         merged.pop("model_kind", None)
         self.tokenizer_config = TokenizerConfig.from_dict(merged, source)
         if config.gradient_checkpointing:
@@ -101,15 +130,32 @@ class TokenizerTask(Task):
         elif pretrained is None:
             warnings.warn(f"{source}.encoder.pretrained is not set: the encoder (and the distillation teacher) "
                           "start from random weights", stacklevel=2)
-        if config.data.image_size % enc.patch_size:
-            raise ConfigError(f"{config.source}: data.image_size {config.data.image_size} is not divisible by "
-                              f"model.encoder.patch_size {enc.patch_size}")
+        self.check_patch_size(enc.patch_size)
+
+    @property
+    def distill(self) -> bool:
+        return self.tokenizer_config.distill_weight > 0
 
     def build_model(self) -> nn.Module:
-        tokenizer = UniFlowTokenizer(self.tokenizer_config)
+        """Random init; the teacher is a second encoder build holding the student's initial weights (under ZeRO-3
+        the engine overwrites both from rank 0's reference build, where this copy is real)."""
+        config = dataclasses.replace(self.tokenizer_config,
+                                     encoder=dataclasses.replace(self.tokenizer_config.encoder, pretrained=None))
+        tokenizer = UniFlowTokenizer(config)
         if self.config.gradient_checkpointing:
             tokenizer.encoder.set_grad_checkpointing(True)
-        return TokenizerTrainModule(tokenizer, distill=self.tokenizer_config.distill_weight > 0)
+        teacher = None
+        if self.distill:
+            encoder = build_encoder(config.encoder)
+            if not _is_partitioned(encoder):
+                encoder.load_state_dict(tokenizer.encoder.state_dict())
+            teacher = FrozenTeacher(encoder, copy_encoder=False)
+        return TokenizerTrainModule(tokenizer, teacher)
+
+    def initial_state(self) -> dict[str, torch.Tensor] | None:
+        """The pretrained encoder's weights, for the student and (when distilling) the teacher."""
+        prefixes = ["tokenizer.encoder."] + (["teacher.encoder."] if self.distill else [])
+        return encoder_state(self.tokenizer_config.encoder, prefixes)
 
     def export_key(self, name: str) -> bool:
         return name.startswith("tokenizer.")
@@ -127,19 +173,20 @@ class TokenizerTask(Task):
                 with scope():
                     value, grid = self._psnr(ctx)
             out[f"heldout_psnr{suffix}"] = value
-            if ctx.dist.is_main and grid is not None:
+            if ctx.dist.is_main and grid is not None and self.eval_options.grid_images > 0:
                 save_grid(*grid, ctx.run_dir / "samples" / f"recon_step{ctx.step:07d}{suffix}.png")
         return out
 
     def _psnr(self, ctx: EvalContext) -> tuple[float, tuple[torch.Tensor, torch.Tensor] | None]:
         total = torch.zeros(2, dtype=torch.float64)
         grid = None
-        for batch, weight in heldout_batches(ctx.heldout, self.config.data.heldout_samples, ctx.batch_size, ctx.dist):
+        for batch, weight in heldout_batches(ctx.heldout, self.data.heldout_samples, ctx.batch_size, ctx.dist,
+                                             ctx.collate):
             recon = ctx.forward(batch, mode="reconstruct").float().cpu()
             scores = psnr(recon, batch["image"]).double().clamp(max=100.0)
             total += torch.stack([(scores * weight.double()).sum(), weight.double().sum()])
             if grid is None:
-                k = min(self.config.log.grid_images, recon.shape[0])
+                k = min(self.eval_options.grid_images, recon.shape[0])
                 grid = (batch["image"][:k], recon[:k])
         total = all_reduce_sum(total.to(ctx.dist.device)).cpu()
         return float(total[0] / total[1].clamp_min(1)), grid
@@ -150,4 +197,4 @@ class TokenizerTask(Task):
         weights = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         model = UniFlowTokenizer.from_config(self.tokenizer_config, load_pretrained_encoder=False)
         load_state_strict(model, weights, f"training state of {self.config.run_dir}")
-        return model.save_pretrained(out_dir, dtype=dtype)
+        return model.save_pretrained(out_dir, dtype=dtype, overwrite=True)
