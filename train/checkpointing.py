@@ -8,31 +8,57 @@ Layout of `<run_dir>/checkpoints/step_0000100/`:
 Every rank writes into `.step_0000100.tmp`; once all are done rank 0 renames it into place and then updates the
 `latest` file, so a crash at any point leaves the previous checkpoint and `latest` intact. Temporary folders are
 ignored when resuming and removed by the next save. The checkpoint folder must be on a filesystem all ranks share.
+
+Frozen parameters (`requires_grad=False`: a frozen LLM, a distillation teacher) are left out of `ds/`: the task builds
+them identically on every run, so rewriting them at every save would only cost disk and time. A fingerprint of them
+(count, sum, sum of squares) in `trainer_state.json` makes a resume refuse a model whose frozen part was built
+differently (other weight files, other seed) instead of silently continuing with other weights.
+
+No code from files: DeepSpeed unpickles its `*.pt` files with `weights_only=False`, so before it reads anything every
+pickle in the checkpoint must load under `weights_only=True` with only the types DeepSpeed itself writes allowed
+(`DEEPSPEED_SAFE_GLOBALS`); `trust_checkpoint=True` (`--trust-checkpoint`) skips that check.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import pickle
 import random
+import re
 import shutil
 import time
+import zipfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from train.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object
 from train.ema import EMA
 from uniflow.errors import CheckpointError
+from uniflow.fileio import atomic_write_text
 
 STATE_NAME = "trainer_state.json"
 LATEST_NAME = "latest"
 DS_DIR = "ds"
 DS_TAG = "state"
 FORMAT_VERSION = 1
+# Files DeepSpeed (or torch) would unpickle; each is checked under weights_only=True before anything loads it.
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
+# The non-tensor types DeepSpeed 0.19 pickles into its checkpoints, found by writing real checkpoints at ZeRO-0/2/3 in
+# fp32 and bf16 (ZeRO-0 files need none; ZeRO-2/3 optimizer files hold these). Nothing else may be unpickled.
+DEEPSPEED_SAFE_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+STATE_FIELDS = {"kind": str, "step": int, "epoch": int, "position": int}
 
 
 @dataclass
@@ -82,21 +108,68 @@ def _write_rng(folder: Path, rank: int) -> None:
     torch.save(rng_state(), folder / f"rank_{rank:05d}.pt")
 
 
+# ------------------------------------------------------------------------------------------------ frozen parameters
+def _frozen_params(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if not p.requires_grad]
+
+
+def frozen_fingerprint(module: nn.Module, partitioned: bool = False,
+                       device: torch.device | str = "cpu") -> dict[str, float]:
+    """Count, sum and sum of squares (float64) of the frozen parameters: enough to tell that a rebuilt model's frozen
+    part is not the one a checkpoint was saved with. A collective under ZeRO-3 (each rank sums its partitions, and
+    `device` is where the sums are reduced: the process group's device)."""
+    params = _frozen_params(module)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    count = 0
+    for p in params:
+        local = p.ds_tensor if partitioned and hasattr(p, "ds_tensor") else p.data
+        count += int(getattr(p, "ds_numel", p.numel()))
+        for chunk in local.detach().reshape(-1).split(1 << 24):  # bounded float64 temporaries for huge tensors
+            c = chunk.double()
+            sums[0] += c.sum().to(sums.device)
+            sums[1] += c.square().sum().to(sums.device)
+    if partitioned:
+        sums = all_reduce_sum(sums)
+    total, squares = sums.tolist()
+    return {"count": count, "sum": total, "sumsq": squares}
+
+
+def _check_frozen(path: Path, saved: Any, now: dict[str, float]) -> None:
+    if not isinstance(saved, dict):
+        return  # written before fingerprints existed: the frozen weights, if any, came from the checkpoint itself
+    same = saved.get("count") == now["count"] and all(
+        isinstance(saved.get(k), (int, float)) and math.isclose(saved[k], now[k], rel_tol=1e-6, abs_tol=1e-3)
+        for k in ("sum", "sumsq"))
+    if not same:
+        raise CheckpointError(
+            f"{path}: the frozen parameters of the model built now ({now['count']} values, sum of squares "
+            f"{now['sumsq']:.6g}) are not those the checkpoint was saved with ({saved.get('count')} values, "
+            f"{saved.get('sumsq')}); checkpoints leave frozen weights out, so build the model from the same weight "
+            "files and seed")
+
+
+def _module_loader(module_file: str) -> Callable[..., None]:
+    """DeepSpeed's `custom_load_fn`: load the module state, tolerating exactly the missing frozen parameters."""
+
+    def load(src: dict[str, Any], dst: nn.Module) -> None:
+        frozen = {n for n, p in dst.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        result = dst.load_state_dict(src, strict=False)
+        missing = sorted(set(result.missing_keys) - frozen)
+        unexpected = sorted(result.unexpected_keys)
+        if missing or unexpected:
+            raise CheckpointError(f"{module_file}: the saved module does not match the model (missing "
+                                  f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
+                                  f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''})")
+
+    return load
+
+
 # ---------------------------------------------------------------------------------------------------------- saving
 def _fsync_tree(root: Path) -> None:
     for path in root.rglob("*"):
         if path.is_file():
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint(engine: Any, run_dir: str | Path, state: TrainState, kind: str, dist_info: DistInfo,
@@ -114,7 +187,8 @@ def save_checkpoint(engine: Any, run_dir: str | Path, state: TrainState, kind: s
     barrier()
     error: BaseException | None = None
     try:
-        engine.save_checkpoint(str(tmp / DS_DIR), tag=DS_TAG, client_state={}, save_latest=False)
+        engine.save_checkpoint(str(tmp / DS_DIR), tag=DS_TAG, client_state={}, save_latest=False,
+                               exclude_frozen_parameters=True)
         _write_rng(tmp / "rng", dist_info.rank)
         if ema is not None:
             ema.save(tmp / "ema", dist_info.rank)
@@ -125,6 +199,7 @@ def save_checkpoint(engine: Any, run_dir: str | Path, state: TrainState, kind: s
         raise error
     if failures.item() > 0:
         raise CheckpointError(f"{final}: another process failed to write its part; the previous checkpoint is kept")
+    frozen = frozen_fingerprint(engine.module, partitioned=zero_stage == 3, device=dist_info.device)
     if dist_info.is_main:
         meta = {
             "format": FORMAT_VERSION,
@@ -134,6 +209,7 @@ def save_checkpoint(engine: Any, run_dir: str | Path, state: TrainState, kind: s
             "zero_stage": zero_stage,
             "ema": ema is not None,
             "ema_updates": ema.num_updates if ema is not None else 0,
+            "frozen": frozen,
             "time": time.time(),
             **(extra or {}),
         }
@@ -146,7 +222,7 @@ def save_checkpoint(engine: Any, run_dir: str | Path, state: TrainState, kind: s
                 shutil.rmtree(old)
             os.replace(final, old)
         os.replace(tmp, final)
-        _atomic_text(root / LATEST_NAME, final.name + "\n")
+        atomic_write_text(root / LATEST_NAME, final.name + "\n")
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         _prune(root, keep_last, keep=final.name)
@@ -180,21 +256,43 @@ def _complete(folder: Path) -> bool:
     return (folder / STATE_NAME).is_file() and (folder / DS_DIR).is_dir()
 
 
+def _is_temporary(folder: Path) -> bool:
+    """A folder an unfinished (or replaced) save left behind: never resumed from."""
+    return folder.name.startswith(".") and folder.name.endswith((".tmp", ".old"))
+
+
+def _latest_target(root: Path) -> Path | None:
+    """The folder the `latest` file names, if there is one; a name that is not a step folder of `root` is an error
+    (it would otherwise load whatever the file points at)."""
+    latest = root / LATEST_NAME
+    if not latest.is_file():
+        return None
+    try:
+        name = latest.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{latest}: unreadable ({exc})") from None
+    if not re.fullmatch(r"step_\d+", name):
+        raise CheckpointError(f"{latest}: names {name[:80]!r}, expected a step_NNNNNNN folder inside {root}")
+    return root / name
+
+
 def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder itself, or the latest complete one of a run folder; CheckpointError naming the path."""
+    """A checkpoint folder itself, or the latest complete one of a run folder; CheckpointError naming the path.
+    Temporaries of unfinished saves (`.step_*.tmp`, `.step_*.old`) are never chosen."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"--resume {path}: no such folder")
+    if _is_temporary(path):
+        raise CheckpointError(f"--resume {path}: a temporary folder of an unfinished save, not a checkpoint; resume "
+                              f"from the run folder {path.parent.parent}")
     if _complete(path):
         return path
     if (path / STATE_NAME).is_file():
         raise CheckpointError(f"{path}: checkpoint is incomplete (no {DS_DIR}/ folder)")
     root = path if path.name == "checkpoints" else checkpoints_dir(path)
-    latest = root / LATEST_NAME
-    if latest.is_file():
-        candidate = root / latest.read_text().strip()
-        if _complete(candidate):
-            return candidate
+    candidate = _latest_target(root)
+    if candidate is not None and _complete(candidate):
+        return candidate
     found = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and _complete(p)) \
         if root.is_dir() else []
     if not found:
@@ -204,11 +302,20 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def read_state(folder: Path) -> dict[str, Any]:
+    """The trainer state of a checkpoint, with its required fields checked."""
     path = folder / STATE_NAME
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: unreadable trainer state ({exc})") from None
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable trainer state ({_one_line(exc)})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    for key, kind in STATE_FIELDS.items():
+        value = meta.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
+            expected = "a non-negative integer" if kind is int else "a string"
+            raise CheckpointError(f"{path}: field {key!r} must be {expected}, got {value!r}")
+    return meta
 
 
 def check_compatible(folder: Path, meta: dict[str, Any], kind: str, dist_info: DistInfo, zero_stage: int,
@@ -226,25 +333,163 @@ def check_compatible(folder: Path, meta: dict[str, Any], kind: str, dist_info: D
         raise CheckpointError(f"{path}: has no EMA weights but ema.enabled is true")
 
 
+# ---------------------------------------------------------------------------------------------------------- safety
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _safe_global_objects() -> list[Any]:
+    import importlib
+
+    objects = []
+    for name in DEEPSPEED_SAFE_GLOBALS:
+        module, _, attr = name.rpartition(".")
+        try:
+            objects.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):  # another DeepSpeed version: the type cannot be in its files either
+            continue
+    return objects
+
+
+def _globals_in_plain_pickle(path: Path) -> list[str]:
+    """The globals a non-zip pickle names, read statically (pickletools never executes anything)."""
+    import pickletools
+
+    names, strings = [], []
+    try:
+        with open(path, "rb") as fh:
+            for opcode, arg, _ in pickletools.genops(fh):
+                if opcode.name == "GLOBAL":
+                    names.append(str(arg).replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:  # damaged past the globals: report what was found
+        pass
+    return names
+
+
+def _unsafe_global(path: Path, message: str) -> str:
+    """The first global the file needs that is not allowed (for the error message)."""
+    if zipfile.is_zipfile(path):
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except Exception:
+            names = []
+    else:
+        names = _globals_in_plain_pickle(path)
+    safe = set(DEEPSPEED_SAFE_GLOBALS)
+    try:  # torch's default allow-list (private; only used to word the message)
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        safe |= set(_get_allowed_globals())
+    except (ImportError, AttributeError):
+        pass
+    names = [n for n in names if n not in safe]
+    if names:
+        return names[0]
+    match = re.search(r"GLOBAL ([\w.]+)", message)
+    return match.group(1) if match else "a non-tensor object"
+
+
+def check_pickle(path: Path) -> None:
+    """Unpickle `path` under weights_only=True with only DeepSpeed's own types allowed (tensors memory-mapped, not
+    read); CheckpointError naming the file and the offending global, or saying it is damaged."""
+    import warnings
+
+    mmap = zipfile.is_zipfile(path)
+    try:
+        with torch.serialization.safe_globals(_safe_global_objects()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on foreign pickle protocols: the verdict says enough
+            torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        message = str(exc)
+        if "Weights only load failed" not in message:
+            raise CheckpointError(f"{path}: damaged or not a checkpoint file ({_one_line(exc)})") from None
+        raise CheckpointError(
+            f"{path}: refusing to unpickle {_unsafe_global(path, message)} (a checkpoint may hold only tensors and "
+            "DeepSpeed's own types; if you wrote this checkpoint yourself and trust it, pass --trust-checkpoint)"
+        ) from None
+    except Exception as exc:
+        raise CheckpointError(f"{path}: damaged or not a checkpoint file ({_one_line(exc)})") from None
+
+
+def verify_checkpoint_files(folder: Path) -> None:
+    """Every pickle in the checkpoint loads without running code (see the module docstring)."""
+    files = sorted(p for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    for path in files:
+        check_pickle(path)
+
+
+def _agreed(action: Callable[[], Any], what: str, device: torch.device) -> Any:
+    """Run `action` on every rank and raise on every rank if it failed on any, so no rank trains on alone."""
+    error: CheckpointError | None = None
+    result = None
+    try:
+        result = action()
+    except CheckpointError as exc:
+        error = exc
+    failures = all_reduce_sum(torch.tensor([0.0 if error is None else 1.0], device=device))
+    if error is not None:
+        raise error
+    if failures.item() > 0:
+        raise CheckpointError(f"{what}: another process could not load its part (see its error)")
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------- loading
 def load_checkpoint(engine: Any, folder: Path, kind: str, dist_info: DistInfo, zero_stage: int,
-                    ema: EMA | None = None) -> tuple[TrainState, dict[str, Any]]:
-    """Restore model, optimizer, scheduler, EMA and this rank's RNG; returns the data position and the metadata."""
+                    ema: EMA | None = None, trust_checkpoint: bool = False) -> tuple[TrainState, dict[str, Any]]:
+    """Restore model, optimizer, scheduler, EMA and this rank's RNG; returns the data position and the metadata.
+
+    Frozen parameters keep the values of the freshly built model (checked against the saved fingerprint). Unless
+    `trust_checkpoint`, every pickle is checked before DeepSpeed unpickles anything (see `check_pickle`)."""
     folder = Path(broadcast_object(str(folder)))
     meta = read_state(folder)
     check_compatible(folder, meta, kind, dist_info, zero_stage, ema is not None)
-    load_path, _ = engine.load_checkpoint(str(folder / DS_DIR), tag=DS_TAG, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+    if not trust_checkpoint:
+        error = None
+        if dist_info.is_main:  # the folder is shared by all ranks: one reader, one verdict
+            try:
+                verify_checkpoint_files(folder)
+            except CheckpointError as exc:
+                error = str(exc)
+        error = broadcast_object(error)
+        if error is not None:
+            raise CheckpointError(error)
+    ds_dir = folder / DS_DIR
+    try:
+        load_path, _ = engine.load_checkpoint(str(ds_dir), tag=DS_TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True,
+                                              custom_load_fn=_module_loader(str(ds_dir / DS_TAG)))
+    except CheckpointError:
+        raise
+    except Exception as exc:  # a damaged file DeepSpeed read (trusted, or damaged past the pickle)
+        raise CheckpointError(f"{ds_dir}: DeepSpeed could not load it ({type(exc).__name__}: "
+                              f"{_one_line(exc)})") from exc
     if load_path is None:
-        raise CheckpointError(f"{folder / DS_DIR}: DeepSpeed found no checkpoint to load")
-    if ema is not None:
-        ema.load(folder / "ema", dist_info.rank)
-    rng_file = folder / "rng" / f"rank_{dist_info.rank:05d}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=True))
-    else:
-        import warnings
+        raise CheckpointError(f"{ds_dir}: DeepSpeed found no checkpoint to load")
+    _check_frozen(folder / STATE_NAME, meta.get("frozen"),
+                  frozen_fingerprint(engine.module, partitioned=zero_stage == 3, device=dist_info.device))
 
-        warnings.warn(f"{rng_file}: missing; this rank continues with fresh random state", stacklevel=2)
+    def load_own_part() -> None:
+        if ema is not None:
+            ema.load(folder / "ema", dist_info.rank)
+        rng_file = folder / "rng" / f"rank_{dist_info.rank:05d}.pt"
+        if rng_file.is_file():
+            try:
+                rng = torch.load(rng_file, map_location="cpu", weights_only=True)
+                set_rng_state(rng)
+            except Exception as exc:
+                raise CheckpointError(f"{rng_file}: damaged random-state file ({_one_line(exc)})") from None
+        else:
+            import warnings
+
+            warnings.warn(f"{rng_file}: missing; this rank continues with fresh random state", stacklevel=3)
+
+    _agreed(load_own_part, str(folder), dist_info.device)
     state = TrainState(step=int(meta["step"]), epoch=int(meta["epoch"]), position=int(meta["position"]))
     if meta.get("world_size") != dist_info.world_size:
         import warnings

@@ -95,9 +95,13 @@ class EMA:
             raise CheckpointError(f"{path}: EMA weights missing from the checkpoint (was it saved with ema.enabled?)")
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            tensors = load_file(str(path))
+            num_updates = int(meta.get("num_updates", 0))
+        except Exception as exc:  # safetensors raises its own error types for truncated or foreign files
+            raise CheckpointError(f"{path}: damaged EMA file ({' '.join(str(exc).split())[:200]})") from None
         missing = sorted(set(self.shadow) - set(tensors))
         wrong = sorted(n for n in set(self.shadow) & set(tensors) if tensors[n].shape != self.shadow[n].shape)
         if missing or wrong:
@@ -105,4 +109,4 @@ class EMA:
                                   f"mis-shaped {wrong[:5]})")
         for name in self.shadow:
             self.shadow[name].copy_(tensors[name])
-        self.num_updates = int(meta.get("num_updates", 0))
+        self.num_updates = num_updates
