@@ -1,6 +1,6 @@
 """Tokenizer benchmark: encode/decode throughput, the full decoder against the SD-VAE decoder, FLOP efficiency, memory.
 
-Why each part (DESIGN.md §10):
+Why each part (targets: docs/results.md, "Targets"):
 - throughput: images/s of `encode` and 1-step `decode` for `tiny` (64 px) and `internvit-300m` (448 px and 252 px,
   the multiple of patch 14 nearest 256), batch 1 and 8, random weights;
 - vae: the 1-step pixel flow decoder of `internvit-300m` against `diffusers`' SD-VAE decoder (random weights) at the

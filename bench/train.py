@@ -1,4 +1,4 @@
-"""Training throughput of the tiny ShapeWorld tokenizer on this machine at ZeRO-0/2/3 (DESIGN.md section 10).
+"""Training throughput of the tiny ShapeWorld tokenizer on this machine at ZeRO-0/2/3 (docs/results.md).
 
 Each ZeRO stage runs in its own process (single process, no launcher, the engine of `uniflow train tokenizer`) for a
 short run: the `tiny` preset (6x192 encoder, 2 global blocks, 4x256 flow head, 64 px), batch 64, ShapeWorld rendered on
