@@ -35,8 +35,12 @@ def output_names(images: Sequence[str | Path], out_dir: Path) -> list[Path]:
 
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
     from uniflow.checkpoint import check_output_dir
+    from uniflow.configs import check_int
     from uniflow.errors import ImageInputError, OutputError
+    from uniflow.flow import MAX_STEPS
 
+    if args.steps is not None:
+        check_int("--steps", args.steps, 1, MAX_STEPS + 1)
     out_dir = check_output_dir(args.out, "--out")
     dests = output_names(args.images, out_dir)
     existing = [d for d in dests if d.exists()]
@@ -118,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--tokenizer", required=True, help="tokenizer checkpoint folder (config.json + model.safetensors)")
     rec.add_argument("--out", required=True, help="folder for the reconstructed PNGs")
     rec.add_argument("--overwrite", action="store_true", help="replace outputs that already exist in --out")
-    rec.add_argument("--steps", type=int_range(1, 10_001), default=None,
-                     help="ODE steps, 1 to 10000 (default: the checkpoint's, 1)")
+    rec.add_argument("--steps", type=int_range(1, None), default=None,
+                     help="ODE steps, 1 to 1000 (default: the checkpoint's, 1)")
     rec.add_argument("--sampler", choices=["euler", "heun"], default=None,
                      help="default: the checkpoint's (euler); heun needs 2 or more steps to pay off (warned)")
     rec.add_argument("--seed", type=int_range(0, SEED_BOUND), default=0,
