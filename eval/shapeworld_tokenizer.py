@@ -32,6 +32,7 @@ from uniflow.data.shapeworld import NUM_CLASSES, ShapeWorldDataset
 from uniflow.encoders import VisionEncoder, build_encoder
 from uniflow.errors import OutputError, UniFlowError
 from uniflow.fileio import atomic_write_text
+from uniflow.flow import MAX_STEPS
 from uniflow.metrics import patch_seam_ratio, psnr, ssim
 
 
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         # every numeric option is range-checked here, before any compute: `--steps 0` is an error, never "1 step"
         check_int("--heldout", args.heldout, 1)
         check_int("--probe-train", args.probe_train, 1)
-        check_int("--steps", args.steps, 1, 10_001)
+        check_int("--steps", args.steps, 1, MAX_STEPS + 1)
         check_int("--batch-size", args.batch_size, 1)
         check_int("--seed", args.seed, 0, 2**63)
         if args.out is not None:
