@@ -17,16 +17,21 @@ from PIL import Image
 
 from app.data_cli import add_cli
 from uniflow.data.shapeworld import (
+    COLOUR_BACKGROUND,
     COLOUR_RGB,
     COLOURS,
     IMAGE_SIZE,
     NUM_CLASSES,
+    PATCH_COVERED,
+    SHAPE_BACKGROUND,
     SHAPES,
     SIZE_WORDS,
     ShapeWorldDataset,
     ShapeWorldSample,
     class_label,
     class_name,
+    patch_areas,
+    patch_labels,
     render_sample,
     write_shapeworld,
 )
@@ -236,3 +241,87 @@ def test_generation_speed(capsys: pytest.CaptureFixture[str]) -> None:
     rate = n / (time.perf_counter() - start)
     with capsys.disabled():
         print(f"\nShapeWorld generation: {rate:.0f} images/s (64x64, one core)")
+
+
+# sha1 over the pixels of samples 0..39 of both splits at 64 and 32 px, as rendered before the masks existed (commit
+# 8115088): the per-patch targets are an addition, every image of every trained model's data stays what it was.
+_PIXELS_BEFORE_MASKS = "e91e8a0a7eeee183568cc56accfbaff8024b4daa"
+
+
+def test_masks_leave_every_pixel_as_before() -> None:
+    digests = []
+    for with_masks in (False, True):
+        h = hashlib.sha1()
+        for size in (64, 32):
+            for split in ("train", "heldout"):
+                for i in range(40):
+                    h.update(render_sample(0, split, i, size, with_masks=with_masks).image.tobytes())
+        digests.append(h.hexdigest())
+    assert digests == [_PIXELS_BEFORE_MASKS, _PIXELS_BEFORE_MASKS]
+    assert render_sample(0, "train", 3).masks is None  # plain rendering keeps no masks
+
+
+def test_object_map_is_what_each_pixel_shows() -> None:
+    """Where the map names an object, the pixel is (mostly) that object's colour; elsewhere it is not a shape colour
+    mixed in by more than half."""
+    for i in range(60):
+        s = render_sample(0, "train", i, with_masks=True)
+        masks, omap = s.masks, s.object_map
+        assert masks.shape == (s.count, IMAGE_SIZE, IMAGE_SIZE) and omap.shape == (IMAGE_SIZE, IMAGE_SIZE)
+        assert masks.min() >= 0 and masks.sum(0).max() <= 1 + 1e-5
+        arr = np.asarray(s.image).astype(float)
+        for k, o in enumerate(s.objects):
+            assert omap[int(o.y), int(o.x)] == k  # the centre pixel belongs to its object
+            inside = masks[k] == 1.0  # fully covered pixels show exactly the object's colour
+            assert inside.any() and np.abs(arr[inside] - COLOUR_RGB[o.colour]).max() <= 1
+            assert np.array_equal(omap == k, masks[k] > 1 - masks.sum(0))
+        assert (omap == -1).sum() > IMAGE_SIZE * IMAGE_SIZE // 3  # objects never fill the frame
+
+
+@pytest.mark.parametrize("size,patch", [(64, 8), (32, 8), (64, 16)])
+def test_patch_labels_match_the_exact_coverage(size: int, patch: int) -> None:
+    covered_total = 0
+    for i in range(40):
+        s = render_sample(1, "heldout", i, size, with_masks=True)
+        shapes, colours = patch_labels(s, patch)
+        shape_area, colour_area = patch_areas(s, patch)
+        grid = size // patch
+        assert shapes.shape == colours.shape == (grid, grid) and shapes.dtype == np.int64
+        assert shape_area.shape == (grid, grid, len(SHAPES) + 1)
+        np.testing.assert_allclose(shape_area.sum(-1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(colour_area.sum(-1), 1.0, atol=1e-5)
+        assert np.array_equal(shapes == SHAPE_BACKGROUND, colours == COLOUR_BACKGROUND)  # one notion of "covered"
+        for r in range(grid):
+            for c in range(grid):
+                block = s.masks[:, r * patch:(r + 1) * patch, c * patch:(c + 1) * patch].mean(axis=(1, 2))
+                k = int(block.argmax())
+                if block[k] >= PATCH_COVERED:
+                    o = s.objects[k]
+                    assert (shapes[r, c], colours[r, c]) == (SHAPES.index(o.shape), COLOURS.index(o.colour))
+                    assert shape_area[r, c, shapes[r, c]] >= PATCH_COVERED
+                    covered_total += 1
+                else:
+                    assert (shapes[r, c], colours[r, c]) == (SHAPE_BACKGROUND, COLOUR_BACKGROUND)
+    assert covered_total > 0
+
+
+def test_dataset_per_patch_targets() -> None:
+    plain = ShapeWorldDataset("train", num_samples=4, seed=5)
+    dense = plain.with_patch_labels(8)
+    item, ref = dense[2], plain[2]
+    assert torch.equal(item["image"], ref["image"]) and item["label"] == ref["label"]
+    s = render_sample(5, "train", 2, with_masks=True)
+    shapes, colours = patch_labels(s, 8)
+    assert torch.equal(item["patch_shape"], torch.from_numpy(shapes.reshape(-1)))
+    assert torch.equal(item["patch_colour"], torch.from_numpy(colours.reshape(-1)))
+    assert item["patch_shape_area"].shape == (64, len(SHAPES) + 1)
+    assert item["patch_colour_area"].dtype == torch.float32
+    assert set(ref) == {"image", "label", "index"}  # plain items carry no targets
+    with pytest.raises(UniFlowError, match="patch_size must be a positive divisor of image_size 64, got 7"):
+        ShapeWorldDataset("train", 2, patch_size=7)
+    with pytest.raises(UniFlowError, match="transform"):
+        ShapeWorldDataset("train", 2, patch_size=8, transform=lambda im: im)
+    with pytest.raises(UniFlowError, match="with_masks=True"):
+        patch_labels(render_sample(0, "train", 0), 8)
+    with pytest.raises(UniFlowError, match="positive divisor of the image size 64, got 5"):
+        patch_labels(s, 5)

@@ -59,6 +59,11 @@ _COL_WORDS = ("left", "center", "right")
 _SUPERSAMPLE = 4
 _MAX_ROTATION_DEG = 15.0
 _PLACEMENT_TRIES = 60
+# Per-patch targets: one class more than the shapes (colours) for "no object here"; a patch is "covered" by an object
+# when at least this fraction of its area shows that object.
+SHAPE_BACKGROUND = len(SHAPES)
+COLOUR_BACKGROUND = len(COLOURS)
+PATCH_COVERED = 0.5
 
 
 def _star(points: int = 5, inner: float = 0.45) -> np.ndarray:
@@ -141,7 +146,11 @@ class ShapeObject:
 
 @dataclass
 class ShapeWorldSample:
-    """One image with its metadata. `objects[0]` is the main (largest, topmost) object the label refers to."""
+    """One image with its metadata. `objects[0]` is the main (largest, topmost) object the label refers to.
+
+    `masks` (only with `render_sample(..., with_masks=True)`): float32 (len(objects), H, W), the visible coverage of
+    each object at each pixel (its antialiased area, minus what objects drawn above it hide), the exact per-pixel
+    truth behind `object_map` and `patch_labels`."""
 
     image: Image.Image
     label: int
@@ -154,10 +163,24 @@ class ShapeWorldSample:
     seed: int
     split: str
     index: int
+    masks: np.ndarray | None = None
     count: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.count = len(self.objects)
+
+    @property
+    def object_map(self) -> np.ndarray:
+        """int64 (H, W): index into `objects` of what each pixel mostly shows, -1 for the background."""
+        masks = self._masks()
+        weights = np.concatenate([1.0 - masks.sum(0, keepdims=True), masks])
+        return weights.argmax(0).astype(np.int64) - 1
+
+    def _masks(self) -> np.ndarray:
+        if self.masks is None:
+            raise UniFlowError("this ShapeWorld sample has no masks; render it with render_sample(..., "
+                               "with_masks=True)")
+        return self.masks
 
     @property
     def class_name(self) -> str:
@@ -261,10 +284,9 @@ def _radius(shape: str, size_px: float) -> float:
     return size_px / math.sqrt(_UNIT_AREA[shape]) * _UNIT_RADIUS[shape]
 
 
-def _draw_object(img: np.ndarray, obj: ShapeObject, scale: float) -> None:
-    """Composite one antialiased shape into `img` in place: draw its mask at 4x over its bounding box, then box-filter
-    it down (exact area coverage, no ringing)."""
-    size = img.shape[0]
+def _object_alpha(obj: ShapeObject, scale: float, size: int) -> tuple[int, int, np.ndarray]:
+    """(y0, x0, coverage) of one antialiased shape: its mask drawn at 4x over its bounding box, then box-filtered down
+    (exact area coverage, no ringing); coverage is (h, w, 1) in [0, 1], placed at row y0, column x0."""
     cx, cy = obj.x, obj.y
     r = _radius(obj.shape, obj.size_px * scale)
     x0, y0 = max(int(math.floor(cx - r)) - 1, 0), max(int(math.floor(cy - r)) - 1, 0)
@@ -281,10 +303,18 @@ def _draw_object(img: np.ndarray, obj: ShapeObject, scale: float) -> None:
         rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
         pts = _POLYGONS[obj.shape] @ rot.T * extent + np.array([ox, oy])
         draw.polygon([tuple(p) for p in pts.tolist()], fill=255)
-    alpha = np.asarray(mask.reduce(s), dtype=np.float32)[:, :, None] / 255.0
-    region = img[y0:y1, x0:x1]
+    return y0, x0, np.asarray(mask.reduce(s), dtype=np.float32)[:, :, None] / 255.0
+
+
+def _draw_object(img: np.ndarray, obj: ShapeObject, scale: float) -> np.ndarray:
+    """Composite one shape into `img` in place; returns its full-image coverage (H, W) for the masks."""
+    y0, x0, alpha = _object_alpha(obj, scale, img.shape[0])
+    region = img[y0:y0 + alpha.shape[0], x0:x0 + alpha.shape[1]]
     region *= 1.0 - alpha
     region += alpha * np.asarray(COLOUR_RGB[obj.colour], dtype=np.float32)
+    full = np.zeros(img.shape[:2], dtype=np.float32)
+    full[y0:y0 + alpha.shape[0], x0:x0 + alpha.shape[1]] = alpha[:, :, 0]
+    return full
 
 
 def _sample_centre(
@@ -380,8 +410,12 @@ def _qa(rng: np.random.Generator, objects: list[ShapeObject]) -> list[dict[str, 
 # ------------------------------------------------------------------------------------------------------------- public
 
 
-def render_sample(seed: int, split: str, index: int, image_size: int = IMAGE_SIZE) -> ShapeWorldSample:
-    """Generate sample `index` of `split`: a pure function of its arguments, so workers can render any index alone."""
+def render_sample(seed: int, split: str, index: int, image_size: int = IMAGE_SIZE,
+                  with_masks: bool = False) -> ShapeWorldSample:
+    """Generate sample `index` of `split`: a pure function of its arguments, so workers can render any index alone.
+
+    with_masks: also keep each object's visible coverage (`sample.masks`) for `object_map` / `patch_labels`; the
+    pixels are the same either way."""
     split_id = _check_split(split)
     if seed < 0 or index < 0:
         raise UniFlowError(f"ShapeWorld seed and index must be >= 0, got seed={seed}, index={index}")
@@ -392,8 +426,12 @@ def render_sample(seed: int, split: str, index: int, image_size: int = IMAGE_SIZ
     img, background = _background(rng, image_size)
     objects = _sample_objects(rng, label, image_size)
     scale = image_size / IMAGE_SIZE
-    for obj in reversed(objects):  # main object last, so it is on top
-        _draw_object(img, obj, scale)
+    masks = np.zeros((len(objects), image_size, image_size), dtype=np.float32) if with_masks else None
+    for k in reversed(range(len(objects))):  # main object last, so it is on top
+        coverage = _draw_object(img, objects[k], scale)
+        if masks is not None:
+            masks *= 1.0 - coverage  # what this object hides of the ones below
+            masks[k] = coverage
     image = Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8), "RGB")
     main = objects[0]
     return ShapeWorldSample(
@@ -408,11 +446,57 @@ def render_sample(seed: int, split: str, index: int, image_size: int = IMAGE_SIZ
         seed=seed,
         split=split,
         index=index,
+        masks=masks,
     )
 
 
+def _object_areas(sample: ShapeWorldSample, patch: int) -> np.ndarray:
+    """float (objects, H / patch, W / patch): the fraction of each patch's area that shows each object."""
+    masks = sample._masks()
+    size = masks.shape[-1]
+    if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1 or size % patch:
+        raise UniFlowError(f"patch size must be a positive divisor of the image size {size}, got {patch!r}")
+    grid = size // patch
+    return masks.reshape(len(masks), grid, patch, grid, patch).mean(axis=(2, 4))
+
+
+def patch_labels(sample: ShapeWorldSample, patch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(shape_ids, colour_ids), int64 (H / patch, W / patch) in the encoder's token order (row-major): the shape and
+    colour of the object that covers at least `PATCH_COVERED` of the patch's area (exact, from the masks), else
+    `SHAPE_BACKGROUND` / `COLOUR_BACKGROUND`. A patch is "covered" exactly when its shape id is not the background."""
+    area = _object_areas(sample, patch)
+    owner = area.argmax(0)
+    covered = np.take_along_axis(area, owner[None], 0)[0] >= PATCH_COVERED
+    shape_of = np.array([SHAPES.index(o.shape) for o in sample.objects], dtype=np.int64)
+    colour_of = np.array([COLOURS.index(o.colour) for o in sample.objects], dtype=np.int64)
+    shapes = np.where(covered, shape_of[owner], SHAPE_BACKGROUND)
+    colours = np.where(covered, colour_of[owner], COLOUR_BACKGROUND)
+    return shapes.astype(np.int64), colours.astype(np.int64)
+
+
+def patch_areas(sample: ShapeWorldSample, patch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(shape_area, colour_area), float32 (H / patch, W / patch, classes + 1): the fraction of each patch showing each
+    shape (colour), the background last; each row sums to 1. Soft training targets: unlike `patch_labels` they also
+    describe the patches an object only partly covers (its edges, small objects)."""
+    area = _object_areas(sample, patch)
+    grid = area.shape[1]
+    shapes = np.zeros((grid, grid, len(SHAPES) + 1), dtype=np.float32)
+    colours = np.zeros((grid, grid, len(COLOURS) + 1), dtype=np.float32)
+    for obj, a in zip(sample.objects, area):
+        shapes[:, :, SHAPES.index(obj.shape)] += a
+        colours[:, :, COLOURS.index(obj.colour)] += a
+    shapes[:, :, SHAPE_BACKGROUND] = np.clip(1.0 - shapes[:, :, :SHAPE_BACKGROUND].sum(-1), 0.0, 1.0)
+    colours[:, :, COLOUR_BACKGROUND] = np.clip(1.0 - colours[:, :, :COLOUR_BACKGROUND].sum(-1), 0.0, 1.0)
+    return shapes, colours
+
+
 class ShapeWorldDataset(torch.utils.data.Dataset):
-    """On-demand ShapeWorld split for training: nothing on disk, any index renders independently in any worker."""
+    """On-demand ShapeWorld split for training: nothing on disk, any index renders independently in any worker.
+
+    patch_size: also return the per-patch targets, one row per encoder token (row-major): `patch_labels` as
+    "patch_shape" / "patch_colour" (int64) and `patch_areas` as "patch_shape_area" / "patch_colour_area" (float32,
+    tokens x classes + 1); None (the default) renders no masks, so plain images cost nothing extra. A transform
+    could move pixels away from their labels, so the two are not combined."""
 
     def __init__(
         self,
@@ -421,6 +505,7 @@ class ShapeWorldDataset(torch.utils.data.Dataset):
         seed: int = 0,
         image_size: int = IMAGE_SIZE,
         transform: Any = None,
+        patch_size: int | None = None,
     ) -> None:
         _check_split(split)
         self.split = split
@@ -430,6 +515,19 @@ class ShapeWorldDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.image_size = image_size
         self.transform = transform
+        if patch_size is not None:
+            if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1 \
+                    or image_size % patch_size:
+                raise UniFlowError(f"ShapeWorldDataset patch_size must be a positive divisor of image_size "
+                                   f"{image_size}, got {patch_size!r}")
+            if transform is not None:
+                raise UniFlowError("ShapeWorldDataset: patch_size (per-patch targets) cannot be combined with a "
+                                   "transform, which would move pixels away from their labels")
+        self.patch_size = patch_size
+
+    def with_patch_labels(self, patch_size: int) -> ShapeWorldDataset:
+        """The same split with per-patch targets in every item."""
+        return ShapeWorldDataset(self.split, self.num_samples, self.seed, self.image_size, self.transform, patch_size)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -448,7 +546,15 @@ class ShapeWorldDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = self._check_index(index)
-        s = render_sample(self.seed, self.split, index, self.image_size)
+        s = render_sample(self.seed, self.split, index, self.image_size, with_masks=self.patch_size is not None)
+        if self.patch_size is not None:
+            shapes, colours = patch_labels(s, self.patch_size)
+            shape_area, colour_area = patch_areas(s, self.patch_size)
+            return {"image": _to_tensor(s.image), "label": s.label, "index": index,
+                    "patch_shape": torch.from_numpy(shapes.reshape(-1)),
+                    "patch_colour": torch.from_numpy(colours.reshape(-1)),
+                    "patch_shape_area": torch.from_numpy(shape_area.reshape(-1, shape_area.shape[-1])),
+                    "patch_colour_area": torch.from_numpy(colour_area.reshape(-1, colour_area.shape[-1]))}
         if self.transform is not None:
             image = self.transform(s.image)
             if not isinstance(image, torch.Tensor):
