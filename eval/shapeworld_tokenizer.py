@@ -4,6 +4,12 @@ the patch seam ratio (error at patch borders over error inside patches: grid art
 
     python -m eval.shapeworld_tokenizer --bundle checkpoints/shapeworld [--steps 1] [--out FILE.json]
     python -m eval.shapeworld_tokenizer --tokenizer runs/abl_uniform/export   # another tokenizer, bundle's teacher
+    python -m eval.shapeworld_tokenizer --grid docs/figures/recon_grid.png     # also a 2xN picture
+
+Besides held-out ShapeWorld, it measures the generalisation set (`eval.generalisation`, drawn by code separate from
+the renderer): the synthetic part (flat single-colour images and hard-edged PIL shapes, the >= 29 dB bar; flat and
+hard-edged PSNR also apart) and real photographs (scikit-image's samples), reported separately.
+`--grid FILE` writes originals above reconstructions: ShapeWorld, synthetic, photographs, left to right.
 
 The teacher is the pretrained encoder the tokenizer was adapted from (`<bundle>/encoder/encoder.safetensors`, or
 `--teacher FILE`).
@@ -25,15 +31,19 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from eval import generalisation
 from uniflow import UniFlowTokenizer
 from uniflow.checkpoint import check_output_dir
 from uniflow.configs import check_int
 from uniflow.data.shapeworld import NUM_CLASSES, ShapeWorldDataset
 from uniflow.encoders import VisionEncoder, build_encoder
-from uniflow.errors import OutputError, UniFlowError
+from uniflow.errors import ConfigError, OutputError, UniFlowError
 from uniflow.fileio import atomic_write_text
 from uniflow.flow import MAX_STEPS
 from uniflow.metrics import patch_seam_ratio, psnr, ssim
+
+MAX_PSNR_DB = 100.0  # per-image PSNR is capped before averaging (an exact flat image would otherwise be infinite)
+GRID_COLUMNS = (8, 8, 8)  # ShapeWorld, synthetic (flat then hard-edged), photographs in the --grid picture
 
 
 def load_teacher(weights: Path, tokenizer: UniFlowTokenizer) -> VisionEncoder:
@@ -74,10 +84,61 @@ def probe_accuracy(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.T
         return (probe((test[0] - mean) / std).argmax(1) == test[1]).float().mean().item()
 
 
+def reconstruction_scores(tokenizer: UniFlowTokenizer, images: torch.Tensor, steps: int, sampler: str, seed: int,
+                          batch_size: int) -> tuple[dict[str, float], torch.Tensor]:
+    """PSNR (mean over images, capped at MAX_PSNR_DB), SSIM and pooled seam ratio of a small image set, and the
+    reconstructions."""
+    recon = torch.cat([tokenizer.reconstruct(images[i:i + batch_size], steps=steps, sampler=sampler, seed=seed + i)
+                       for i in range(0, images.shape[0], batch_size)])
+    scores = {"psnr_db": psnr(recon, images).clamp(max=MAX_PSNR_DB).mean().item(),
+              "ssim": ssim(recon, images).mean().item(),
+              "patch_seam_ratio": patch_seam_ratio(recon, images, tokenizer.encoder.patch_size)}
+    return scores, recon
+
+
+def generalisation_scores(tokenizer: UniFlowTokenizer, steps: int, sampler: str, seed: int, batch_size: int
+                          ) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The generalisation set's figures (synthetic = flat + hard edges; flat, hard edges and photographs apart) and
+    the (originals, reconstructions) of each part. Photographs need scikit-image: without it they are reported as
+    unavailable, never silently dropped."""
+    size = tokenizer.config.encoder.image_size
+    flat, hard = generalisation.flat_images(size), generalisation.hard_edge_images(size=size, seed=seed)
+    parts: dict[str, torch.Tensor] = {"synthetic": torch.cat([flat, hard]), "flat": flat, "hard_edges": hard}
+    out: dict = {}
+    try:
+        parts["photos"] = generalisation.photo_images(size)
+    except ConfigError as err:
+        out["photos_unavailable"] = str(err)
+    images: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, batch in parts.items():
+        scores, recon = reconstruction_scores(tokenizer, batch, steps, sampler, seed, batch_size)
+        out[f"{name}_images"] = batch.shape[0]
+        out.update({f"{name}_{key}": value for key, value in scores.items()})
+        images[name] = (batch, recon)
+    return out, images
+
+
+def write_grid(path: Path, parts: list[tuple[torch.Tensor, torch.Tensor]], columns: tuple[int, ...]) -> None:
+    """Originals above reconstructions, the first `columns[i]` images of each part side by side."""
+    from train.tokenizer_task import save_grid  # the one grid writer (the training's reconstruction grids)
+
+    originals = torch.cat([o[:k] for (o, _), k in zip(parts, columns)])
+    recons = torch.cat([r[:k] for (_, r), k in zip(parts, columns)])
+    save_grid(originals, recons.float(), path)
+
+
+def _spread(images: torch.Tensor, k: int) -> torch.Tensor:
+    """k images evenly spread over the set (the synthetic set starts with its flat images)."""
+    idx = torch.linspace(0, images.shape[0] - 1, min(k, images.shape[0])).round().long()
+    return images[idx]
+
+
 def evaluate(bundle: Path, heldout: int = 1000, probe_train: int = 5000, steps: int = 1, sampler: str = "euler",
              batch_size: int = 100, seed: int = 0, tokenizer_dir: Path | None = None,
-             teacher_weights: Path | None = None) -> dict:
-    """Every figure of the bar; `tokenizer_dir`/`teacher_weights` replace the bundle's parts (ablation runs)."""
+             teacher_weights: Path | None = None, generalise: bool = True, grid: Path | None = None) -> dict:
+    """Every figure of the bar; `tokenizer_dir`/`teacher_weights` replace the bundle's parts (ablation runs).
+    probe_train 0 skips the probe (its figures are None); generalise adds the generalisation set's figures; grid
+    writes the 2xN picture there (it needs generalise)."""
     tokenizer_dir = tokenizer_dir or bundle / "tokenizer"
     teacher_weights = teacher_weights or bundle / "encoder" / "encoder.safetensors"
     tokenizer = UniFlowTokenizer.from_pretrained(tokenizer_dir)
@@ -109,14 +170,25 @@ def evaluate(bundle: Path, heldout: int = 1000, probe_train: int = 5000, steps: 
     cosines /= heldout
     test = {k: (torch.cat(v), torch.cat(labels)) for k, v in feats.items()}
 
-    train_feats = {"student": [], "teacher": []}
-    train_labels = []
-    for images, y in batches(train_set, probe_train, batch_size, "probe features"):
-        train_feats["student"].append(features(student, images)[-1].mean(1))
-        train_feats["teacher"].append(features(teacher, images)[-1].mean(1))
-        train_labels.append(y)
-    accuracy = {k: probe_accuracy((torch.cat(train_feats[k]), torch.cat(train_labels)), test[k])
-                for k in ("student", "teacher")}
+    accuracy: dict[str, float | None] = {"student": None, "teacher": None}
+    if probe_train > 0:
+        train_feats = {"student": [], "teacher": []}
+        train_labels = []
+        for images, y in batches(train_set, probe_train, batch_size, "probe features"):
+            train_feats["student"].append(features(student, images)[-1].mean(1))
+            train_feats["teacher"].append(features(teacher, images)[-1].mean(1))
+            train_labels.append(y)
+        accuracy = {k: probe_accuracy((torch.cat(train_feats[k]), torch.cat(train_labels)), test[k])
+                    for k in ("student", "teacher")}
+    extra: dict = {}
+    if generalise:
+        extra, parts = generalisation_scores(tokenizer, steps, sampler, seed, batch_size)
+        if grid is not None:
+            shapeworld = (pairs[0][1], pairs[0][0])
+            synthetic = tuple(_spread(x, GRID_COLUMNS[1]) for x in parts["synthetic"])
+            write_grid(grid, [shapeworld, synthetic] + ([parts["photos"]] if "photos" in parts else []),
+                       GRID_COLUMNS)
+            extra["grid"] = str(grid)
     return {
         "tokenizer": str(tokenizer_dir),
         "teacher": str(teacher_weights),
@@ -132,8 +204,9 @@ def evaluate(bundle: Path, heldout: int = 1000, probe_train: int = 5000, steps: 
         "probe_train_images": probe_train,
         "probe_accuracy_student": accuracy["student"],
         "probe_accuracy_teacher": accuracy["teacher"],
-        "probe_gap_points": 100 * (accuracy["teacher"] - accuracy["student"]),
+        "probe_gap_points": None if probe_train == 0 else 100 * (accuracy["teacher"] - accuracy["student"]),
         "reconstruct_seconds": decode_time,
+        **extra,
     }
 
 
@@ -150,11 +223,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0, help="seed of the decoder noise")
+    parser.add_argument("--no-generalisation", action="store_true",
+                        help="skip the generalisation set (flat, hard-edged and photographic images)")
+    parser.add_argument("--grid", type=Path, default=None,
+                        help="write a PNG here: originals above 1-step reconstructions (ShapeWorld, synthetic, photos)")
     args = parser.parse_args(argv)
     try:
         # every numeric option is range-checked here, before any compute: `--steps 0` is an error, never "1 step"
         check_int("--heldout", args.heldout, 1)
-        check_int("--probe-train", args.probe_train, 1)
+        check_int("--probe-train", args.probe_train, 0)  # 0: no probe
         check_int("--steps", args.steps, 1, MAX_STEPS + 1)
         check_int("--batch-size", args.batch_size, 1)
         check_int("--seed", args.seed, 0, 2**63)
@@ -162,16 +239,29 @@ def main(argv: list[str] | None = None) -> int:
             if args.out.is_dir():
                 raise OutputError(f"--out: {args.out} is a folder, expected a JSON file path")
             check_output_dir(args.out.parent, "--out")
+        if args.grid is not None:
+            if args.no_generalisation:
+                raise ConfigError("--grid shows the generalisation set: drop --no-generalisation")
+            if args.grid.is_dir() or args.grid.suffix.lower() != ".png":
+                raise OutputError(f"--grid: expected a .png file path, got {args.grid}")
+            check_output_dir(args.grid.parent, "--grid")
         result = evaluate(args.bundle, args.heldout, args.probe_train, args.steps, args.sampler,
                           batch_size=args.batch_size, seed=args.seed, tokenizer_dir=args.tokenizer,
-                          teacher_weights=args.teacher)
+                          teacher_weights=args.teacher, generalise=not args.no_generalisation, grid=args.grid)
     except UniFlowError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print("| metric | value |\n| --- | --- |")
-    for key in ("psnr_db", "ssim", "patch_seam_ratio", "cosine_to_teacher_deepest_third", "probe_accuracy_student",
-                "probe_accuracy_teacher", "probe_gap_points"):
-        print(f"| {key} | {result[key]:.4f} |")
+    keys = ["psnr_db", "ssim", "patch_seam_ratio", "cosine_to_teacher_deepest_third", "probe_accuracy_student",
+            "probe_accuracy_teacher", "probe_gap_points"]
+    keys += [f"{part}_{key}" for part in ("synthetic", "flat", "hard_edges", "photos")
+             for key in ("psnr_db", "ssim", "patch_seam_ratio")]
+    for key in keys:
+        if key in result:
+            value = result[key]
+            print(f"| {key} | {'n/a' if value is None else f'{value:.4f}'} |")
+    if "photos_unavailable" in result:
+        print(f"| photos | unavailable: {result['photos_unavailable']} |")
     if args.out:
         atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     return 0

@@ -46,3 +46,34 @@ def test_missing_parts_are_clear_errors(tmp_path, capsys):
     assert main(["--bundle", str(tmp_path / "bundle"), "--teacher", str(tmp_path / "no.safetensors")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no.safetensors" in err
+
+
+def test_generalisation_figures_and_grid(tmp_path, capsys):
+    from PIL import Image
+
+    write_bundle(tmp_path / "bundle", seed=0)
+    grid, out = tmp_path / "figs" / "grid.png", tmp_path / "eval.json"
+    (tmp_path / "figs").mkdir()
+    assert main(["--bundle", str(tmp_path / "bundle"), "--heldout", "8", "--probe-train", "0", "--batch-size", "8",
+                 "--grid", str(grid), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["probe_gap_points"] is None and result["probe_accuracy_student"] is None  # --probe-train 0
+    for part in ("synthetic", "flat", "hard_edges", "photos"):
+        assert 0 < result[f"{part}_psnr_db"] <= 100 and result[f"{part}_patch_seam_ratio"] > 0
+    assert result["synthetic_images"] == result["flat_images"] + result["hard_edges_images"]
+    printed = capsys.readouterr().out
+    assert "| synthetic_psnr_db |" in printed and "| photos_psnr_db |" in printed
+    # 2 rows (originals, reconstructions) of 8 ShapeWorld + 8 synthetic + 8 photos, 32 px each, 2-px gutters
+    assert Image.open(grid).size == (24 * 34 + 2, 2 * 32 + 3 * 2)
+
+
+def test_grid_and_probe_options_are_checked_before_compute(tmp_path, capsys):
+    write_bundle(tmp_path / "bundle", seed=0)
+    assert main(["--bundle", str(tmp_path / "bundle"), "--grid", str(tmp_path / "grid.jpg")]) == 2
+    assert "--grid" in capsys.readouterr().err
+    assert main(["--bundle", str(tmp_path / "bundle"), "--grid", str(tmp_path / "g.png"),
+                 "--no-generalisation"]) == 2
+    assert "--no-generalisation" in capsys.readouterr().err
+    assert main(["--bundle", str(tmp_path / "bundle"), "--probe-train", "-1"]) == 2
+    assert "--probe-train" in capsys.readouterr().err
+    assert not (tmp_path / "g.png").exists()

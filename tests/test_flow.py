@@ -117,3 +117,62 @@ def test_shared_time_is_embedded_once_with_the_same_result():
     shared = torch.tensor(0.3).expand(5)
     assert shared.stride(0) == 0
     assert torch.allclose(head(x, shared, c), head(x, torch.full((5,), 0.3), c), atol=1e-6)
+
+
+def test_default_time_stream_is_the_releases():
+    """t0_prob = 0 draws no extra random numbers: same times, same stream after them, as before the option."""
+    cfg = flow.FlowConfig()
+    gen, ref = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    t = flow.sample_time(1000, cfg, generator=gen)
+    normal = torch.randn(1000, generator=ref)
+    uniform = torch.rand(1000, generator=ref)
+    use_ln = torch.rand(1000, generator=ref) < cfg.logit_normal_prob
+    assert torch.equal(t, torch.where(use_ln, torch.sigmoid(normal), uniform))
+    assert torch.equal(torch.rand(4, generator=gen), torch.rand(4, generator=ref))
+
+
+def test_t0_prob_is_a_point_mass_at_zero():
+    cfg = flow.FlowConfig(logit_normal_prob=0.0, t0_prob=0.25)
+    t = flow.sample_time(20000, cfg, generator=torch.Generator().manual_seed(0))
+    zero = (t == 0).float().mean().item()
+    assert abs(zero - 0.25) < 0.015
+    rest = t[t > 0]
+    assert abs(rest.mean().item() - 0.5) < 0.01  # the rest is still the configured (uniform) distribution
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ConfigError, match="t0_prob"):
+            flow.FlowConfig(t0_prob=bad)
+
+
+def test_data_prediction_one_euler_step_returns_the_prediction():
+    head = FlowHead(channels=12, cond_dim=8, width=16, depth=2)
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    cond, x0 = torch.randn(5, 8), torch.randn(5, 12)
+    net = lambda x, t: head(x, t, cond)  # noqa: E731
+    out = flow.sample(flow.as_velocity(net, "data"), x0, steps=1)
+    assert torch.allclose(out, net(x0, torch.zeros(5)), atol=1e-5)  # no input noise left to cancel
+    assert flow.as_velocity(net, "velocity") is net  # the release's parameterisation is untouched
+    # v = (x1_hat - x_t) / (1 - t), with 1 - t clamped so t = 1 (Heun's last evaluation) stays finite
+    t = torch.tensor([0.0, 0.5, 1.0, 0.99, 0.2])
+    v = flow.as_velocity(net, "data")(x0, t)
+    gap = (1 - t).clamp_min(flow.DATA_MIN_GAP)[:, None]
+    assert torch.allclose(v, (net(x0, t) - x0) / gap) and torch.isfinite(v).all()
+    assert torch.isfinite(flow.sample(flow.as_velocity(net, "data"), x0, steps=4, sampler="heun")).all()
+    with pytest.raises(ConfigError, match="prediction"):
+        flow.as_velocity(net, "epsilon")
+
+
+def test_data_prediction_loss_and_loss_weights():
+    x1 = torch.randn(64, 5)
+    oracle = flow.flow_matching_loss(lambda x, t: x1, x1, flow.FlowConfig(), prediction="data")
+    assert oracle.item() < 1e-12  # the target of a data prediction is the data itself
+    # a constant weight is normalised away; a non-constant one moves the loss toward the weighted channels
+    net = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    plain = flow.flow_matching_loss(net, x1, flow.FlowConfig(), generator=torch.Generator().manual_seed(0))
+    const = flow.flow_matching_loss(net, x1, flow.FlowConfig(), generator=torch.Generator().manual_seed(0),
+                                    weight=torch.full((5,), 7.0))
+    assert torch.allclose(plain, const)
+    x1_skewed = torch.cat([torch.zeros(64, 4), 10 * torch.ones(64, 1)], dim=1)
+    losses = [flow.flow_matching_loss(lambda x, t: x1_skewed, x1_skewed, flow.FlowConfig(), prediction="data",
+                                      weight=torch.tensor(w)) for w in ([1.0, 1, 1, 1, 1], [1.0, 1, 1, 1, 5])]
+    assert losses[0].item() < 1e-12 and losses[1].item() < 1e-12  # a perfect prediction stays at 0

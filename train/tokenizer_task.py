@@ -2,9 +2,9 @@
 
 The model section is a preset name (required) plus TokenizerConfig overrides; `model.encoder.pretrained` names the
 encoder weights (e.g. the export of the "encoder" task). The frozen teacher starts as a copy of that encoder, held by
-the training module (not the tokenizer) and excluded from the optimizer. Evaluation reports held-out PSNR of 1-step
-(the config's default) reconstructions and writes a grid PNG (`eval.grid_images` held-out images on top,
-reconstructions below).
+the training module (not the tokenizer) and excluded from the optimizer. Evaluation reports held-out PSNR and the
+patch seam ratio (pooled over the images) of 1-step (the config's default) reconstructions and writes a grid PNG
+(`eval.grid_images` held-out images on top, reconstructions below).
 """
 
 from __future__ import annotations
@@ -91,6 +91,12 @@ def _is_partitioned(module: nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in module.parameters())
 
 
+def _border_mask(height: int, width: int, patch: int) -> torch.Tensor:
+    """(H, W) True on the first and last row and column of every patch (the borders of `patch_seam_ratio`)."""
+    rows, cols = torch.arange(height) % patch, torch.arange(width) % patch
+    return ((rows == 0) | (rows == patch - 1))[:, None] | ((cols == 0) | (cols == patch - 1))[None, :]
+
+
 def save_grid(originals: torch.Tensor, recons: torch.Tensor, path: Path) -> None:
     """Two rows: originals above reconstructions, 2-px white gutters."""
     n, _, h, w = originals.shape
@@ -172,24 +178,34 @@ class TokenizerTask(ImageTask):
             else:
                 with scope():
                     value, grid = self._psnr(ctx)
-            out[f"heldout_psnr{suffix}"] = value
+            out[f"heldout_psnr{suffix}"], out[f"heldout_seam_ratio{suffix}"] = value
             if ctx.dist.is_main and grid is not None and self.eval_options.grid_images > 0:
                 save_grid(*grid, ctx.run_dir / "samples" / f"recon_step{ctx.step:07d}{suffix}.png")
         return out
 
-    def _psnr(self, ctx: EvalContext) -> tuple[float, tuple[torch.Tensor, torch.Tensor] | None]:
-        total = torch.zeros(2, dtype=torch.float64)
+    def _psnr(self, ctx: EvalContext) -> tuple[tuple[float, float], tuple[torch.Tensor, torch.Tensor] | None]:
+        """(mean PSNR, seam ratio) over the held-out images, and the first batch's (originals, reconstructions).
+        The seam ratio pools squared errors over every image (border sum / count over interior sum / count), as
+        `uniflow.metrics.patch_seam_ratio` does for one batch."""
+        patch = self.tokenizer_config.encoder.patch_size
+        total = torch.zeros(6, dtype=torch.float64)  # psnr sum, images, border sse, border px, inner sse, inner px
         grid = None
         for batch, weight in heldout_batches(ctx.heldout, self.data.heldout_samples, ctx.batch_size, ctx.dist,
                                              ctx.collate):
             recon = ctx.forward(batch, mode="reconstruct").float().cpu()
             scores = psnr(recon, batch["image"]).double().clamp(max=100.0)
-            total += torch.stack([(scores * weight.double()).sum(), weight.double().sum()])
+            w = weight.double()
+            err = (recon.double() - batch["image"].double()).pow(2).mean(1)  # (B, H, W)
+            border = _border_mask(err.shape[-2], err.shape[-1], patch)
+            total += torch.stack([(scores * w).sum(), w.sum(),
+                                  (err[:, border].sum(1) * w).sum(), w.sum() * border.sum(),
+                                  (err[:, ~border].sum(1) * w).sum(), w.sum() * (~border).sum()])
             if grid is None:
                 k = min(self.eval_options.grid_images, recon.shape[0])
                 grid = (batch["image"][:k], recon[:k])
         total = all_reduce_sum(total.to(ctx.dist.device)).cpu()
-        return float(total[0] / total[1].clamp_min(1)), grid
+        seam = (total[2] / total[3].clamp_min(1)) / (total[4] / total[5].clamp_min(1)).clamp_min(1e-20)
+        return (float(total[0] / total[1].clamp_min(1)), float(seam)), grid
 
     def export(self, state_dict: dict[str, torch.Tensor], out_dir: Path, dtype: torch.dtype | None,
                metrics: dict[str, float]) -> Path:

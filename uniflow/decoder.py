@@ -15,13 +15,22 @@ from torch.utils.checkpoint import checkpoint
 
 from uniflow import flow
 from uniflow.blocks import TransformerBlock
+from uniflow.configs import check_number
 from uniflow.flow_head import FlowHead
 from uniflow.pos_embed import resize_grid_embedding, sincos_2d
 
 
 @dataclass
 class DecoderConfig:
-    """Sizes of the decoder. width None means the encoder's width (as in the release: 1024 for InternViT-300M)."""
+    """Sizes of the decoder. width None means the encoder's width (as in the release: 1024 for InternViT-300M).
+
+    prediction: what the flow head outputs, "velocity" (the release) or "data" (x1; `uniflow.flow.as_velocity`
+        turns it into a velocity for the samplers, and one Euler step returns it unchanged: no input noise left to
+        cancel). A property of the weights, so it is stored with them (config.json) and read when decoding.
+    border_loss_weight: weight of the patch-border pixels (first/last row and column of each patch) in the flow
+        loss, relative to the interior pixels; > 1 spends the decoder's capacity where the patch seams show (the
+        seam ratio measures border over interior error). 1 (default) is the plain MSE.
+    """
 
     latent_channels: int = 64
     width: int | None = None
@@ -31,6 +40,12 @@ class DecoderConfig:
     head_width: int = 1024
     head_depth: int = 12
     gradient_checkpointing: bool = False
+    prediction: str = "velocity"
+    border_loss_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        flow.check_prediction(self.prediction)
+        check_number("border_loss_weight", self.border_loss_weight, 0.0, 100.0, lo_open=True)
 
 
 def mlp(dim_in: int, dim_hidden: int, dim_out: int) -> nn.Sequential:
@@ -42,6 +57,15 @@ def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
     b, c, h, w = images.shape
     x = images.reshape(b, c, h // patch, patch, w // patch, patch)
     return x.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // patch) * (w // patch), c * patch * patch)
+
+
+def border_weights(patch: int, channels: int, border_weight: float) -> torch.Tensor:
+    """(C*p*p,) loss weights in `patchify`'s layout: `border_weight` on the outer rows and columns, 1 inside."""
+    idx = torch.arange(patch)
+    edge = (idx == 0) | (idx == patch - 1)
+    border = edge[:, None] | edge[None, :]
+    weights = torch.where(border, torch.tensor(float(border_weight)), torch.tensor(1.0))
+    return weights.expand(channels, patch, patch).reshape(-1)
 
 
 def unpatchify(patches: torch.Tensor, patch: int, grid: tuple[int, int], channels: int = 3) -> torch.Tensor:
@@ -99,7 +123,11 @@ class PixelFlowDecoder(nn.Module):
         """Flow-matching loss of every patch. target: normalised images (B, 3, H, W)."""
         cond = self.condition(latents, grid).flatten(0, 1)
         x1 = patchify(target, self.patch_size).flatten(0, 1)
-        return flow.flow_matching_loss(lambda x, t: self.flow_head(x, t, cond), x1, config)
+        weight = None
+        if self.config.border_loss_weight != 1.0:
+            weight = border_weights(self.patch_size, self.channels, self.config.border_loss_weight)
+        return flow.flow_matching_loss(lambda x, t: self.flow_head(x, t, cond), x1, config, weight=weight,
+                                       prediction=self.config.prediction)
 
     def sample(self, latents: torch.Tensor, grid: tuple[int, int], steps: int = 1, sampler: str = "euler",
                generator: torch.Generator | None = None) -> torch.Tensor:
@@ -108,5 +136,6 @@ class PixelFlowDecoder(nn.Module):
         cond = self.condition(latents, grid).flatten(0, 1)
         noise = torch.randn(b * n, self.patch_dim, generator=generator, device="cpu" if generator is None
                             else generator.device, dtype=torch.float32).to(latents.device, cond.dtype)
-        patches = flow.sample(lambda x, t: self.flow_head(x, t, cond), noise, steps, sampler)
+        velocity = flow.as_velocity(lambda x, t: self.flow_head(x, t, cond), self.config.prediction)
+        patches = flow.sample(velocity, noise, steps, sampler)
         return unpatchify(patches.view(b, n, self.patch_dim), self.patch_size, grid, self.channels)
