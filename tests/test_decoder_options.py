@@ -118,8 +118,8 @@ def test_options_are_range_checked_with_the_field_named(field, value, match):
 
 
 def test_training_evaluation_borders_are_the_metrics_borders():
-    from train.tokenizer_task import _border_mask
+    from uniflow.metrics import patch_border_mask  # what the training evaluation and the seam ratio both use
 
-    mask = _border_mask(16, 24, 8)
+    mask = patch_border_mask(16, 24, 8)
     assert torch.equal(mask[:8, :8].flatten(), border_weights(8, 1, 2.0) == 2.0)
     assert torch.equal(mask[8:, 16:], mask[:8, :8])

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from uniflow.configs import check_choice, check_number
@@ -64,7 +64,6 @@ class ImageDataConfig:
         check_number("heldout_samples", self.heldout_samples, 0, None)
         check_number("seed", self.seed, 0, None)
         check_number("num_workers", self.num_workers, 0, None)
-_UNREADABLE = (OSError, UnidentifiedImageError, ValueError, SyntaxError)
 
 
 def to_tensor(image: Image.Image, size: int) -> torch.Tensor:

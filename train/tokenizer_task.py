@@ -36,7 +36,7 @@ from uniflow.distill import FrozenTeacher
 from uniflow.encoders import build_encoder
 from uniflow.errors import ConfigError
 from uniflow.fileio import atomic_write_file
-from uniflow.metrics import psnr
+from uniflow.metrics import patch_border_mask, psnr
 from uniflow.tokenizer import MODEL_KIND, TokenizerConfig, UniFlowTokenizer
 
 EVAL_SEED = 1234  # decoder noise of the periodic evaluation: fixed, and independent of the training RNG
@@ -89,12 +89,6 @@ def _preset(name: str) -> dict[str, Any]:
 
 def _is_partitioned(module: nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in module.parameters())
-
-
-def _border_mask(height: int, width: int, patch: int) -> torch.Tensor:
-    """(H, W) True on the first and last row and column of every patch (the borders of `patch_seam_ratio`)."""
-    rows, cols = torch.arange(height) % patch, torch.arange(width) % patch
-    return ((rows == 0) | (rows == patch - 1))[:, None] | ((cols == 0) | (cols == patch - 1))[None, :]
 
 
 def save_grid(originals: torch.Tensor, recons: torch.Tensor, path: Path) -> None:
@@ -196,7 +190,7 @@ class TokenizerTask(ImageTask):
             scores = psnr(recon, batch["image"]).double().clamp(max=100.0)
             w = weight.double()
             err = (recon.double() - batch["image"].double()).pow(2).mean(1)  # (B, H, W)
-            border = _border_mask(err.shape[-2], err.shape[-1], patch)
+            border = patch_border_mask(err.shape[-2], err.shape[-1], patch)
             total += torch.stack([(scores * w).sum(), w.sum(),
                                   (err[:, border].sum(1) * w).sum(), w.sum() * border.sum(),
                                   (err[:, ~border].sum(1) * w).sum(), w.sum() * (~border).sum()])

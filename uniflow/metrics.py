@@ -42,6 +42,12 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, wind
     return s.flatten(1).mean(1).float()
 
 
+def patch_border_mask(height: int, width: int, patch: int) -> torch.Tensor:
+    """(H, W) True on the first and last row and column of every `patch` x `patch` cell."""
+    rows, cols = torch.arange(height) % patch, torch.arange(width) % patch
+    return ((rows == 0) | (rows == patch - 1))[:, None] | ((cols == 0) | (cols == patch - 1))[None, :]
+
+
 def patch_seam_ratio(pred: torch.Tensor, target: torch.Tensor, patch: int) -> float:
     """Mean squared error on the pixels at patch borders over that on the patch interiors.
 
@@ -52,9 +58,5 @@ def patch_seam_ratio(pred: torch.Tensor, target: torch.Tensor, patch: int) -> fl
     if patch < 3:
         raise ValueError(f"patch_seam_ratio needs patches of at least 3 pixels (a border and an interior), got {patch}")
     err = (pred.double() - target.double()).pow(2).mean(1)  # (B, H, W)
-    rows = torch.arange(err.shape[-2]) % patch
-    cols = torch.arange(err.shape[-1]) % patch
-    row_edge = (rows == 0) | (rows == patch - 1)
-    col_edge = (cols == 0) | (cols == patch - 1)
-    border = row_edge[:, None] | col_edge[None, :]
+    border = patch_border_mask(err.shape[-2], err.shape[-1], patch)
     return (err[:, border].mean() / err[:, ~border].mean()).item()
