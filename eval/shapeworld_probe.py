@@ -46,25 +46,38 @@ class ProbeFeatures:
     patch_colour: torch.Tensor
 
 
-@torch.no_grad()
 def shapeworld_features(encoder: VisionEncoder, split: str, count: int, seed: int = 0,
                         batch_size: int = 100) -> ProbeFeatures:
     """Final-layer tokens of ShapeWorld images 0..count-1 of `split`, rendered at the encoder's size with its patch
     targets. The encoder is used as it is (eval mode, no gradients)."""
+    return shared_features({"encoder": encoder}, split, count, seed, batch_size)["encoder"]
+
+
+@torch.no_grad()
+def shared_features(encoders: dict[str, VisionEncoder], split: str, count: int, seed: int = 0,
+                    batch_size: int = 100) -> dict[str, ProbeFeatures]:
+    """`shapeworld_features` of several encoders of the same geometry (a tokenizer's and its teacher), each image
+    rendered once."""
     check_int("count", count, 1)
-    dataset = ShapeWorldDataset(split, count, seed=seed, image_size=encoder.image_size,
-                                patch_size=encoder.patch_size)
-    encoder.eval()
-    device, dtype = next(encoder.parameters()).device, next(encoder.parameters()).dtype
-    parts: dict[str, list[torch.Tensor]] = {"tokens": [], "labels": [], "patch_shape": [], "patch_colour": []}
+    first = next(iter(encoders.values()))
+    if any((e.image_size, e.patch_size) != (first.image_size, first.patch_size) for e in encoders.values()):
+        raise ConfigError(f"encoders {sorted(encoders)}: image and patch sizes differ")
+    dataset = ShapeWorldDataset(split, count, seed=seed, image_size=first.image_size, patch_size=first.patch_size)
+    tokens: dict[str, list[torch.Tensor]] = {name: [] for name in encoders}
+    targets: dict[str, list[torch.Tensor]] = {"labels": [], "patch_shape": [], "patch_colour": []}
     for start in range(0, count, batch_size):
         items = [dataset[i] for i in range(start, min(count, start + batch_size))]
-        images = torch.stack([d["image"] for d in items]).to(device=device, dtype=dtype)
-        parts["tokens"].append(encoder(encoder.normalize(images), layers=[-1]).last.float().cpu())
-        parts["labels"].append(torch.tensor([d["label"] for d in items]))
-        parts["patch_shape"].append(torch.stack([d["patch_shape"] for d in items]))
-        parts["patch_colour"].append(torch.stack([d["patch_colour"] for d in items]))
-    return ProbeFeatures(**{k: torch.cat(v) for k, v in parts.items()})
+        images = torch.stack([d["image"] for d in items])
+        for name, encoder in encoders.items():
+            encoder.eval()
+            param = next(encoder.parameters())
+            pixels = encoder.normalize(images.to(device=param.device, dtype=param.dtype))
+            tokens[name].append(encoder(pixels, layers=[-1]).last.float().cpu())
+        targets["labels"].append(torch.tensor([d["label"] for d in items]))
+        targets["patch_shape"].append(torch.stack([d["patch_shape"] for d in items]))
+        targets["patch_colour"].append(torch.stack([d["patch_colour"] for d in items]))
+    joined = {k: torch.cat(v) for k, v in targets.items()}
+    return {name: ProbeFeatures(tokens=torch.cat(parts), **joined) for name, parts in tokens.items()}
 
 
 def fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 300, weight_decay: float = 1e-4,

@@ -1,6 +1,7 @@
-"""Measure a ShapeWorld tokenizer against issue #3's bar: held-out PSNR/SSIM (1 Euler step by default), mean cosine
-to the teacher over the deepest third of the encoder layers, and a linear probe on student vs teacher features; also
-the patch seam ratio (error at patch borders over error inside patches: grid artifacts show as a ratio above 1).
+"""Measure a ShapeWorld tokenizer against its bars (DESIGN.md §10, issue 9): held-out PSNR/SSIM (1 Euler step by
+default), mean cosine to the teacher over the deepest third of the encoder layers, and linear probes on student vs
+teacher tokens; also the patch seam ratio (error at patch borders over error inside patches: grid artifacts show as a
+ratio above 1).
 
     python -m eval.shapeworld_tokenizer --bundle checkpoints/shapeworld [--steps 1] [--out FILE.json]
     python -m eval.shapeworld_tokenizer --tokenizer runs/abl_uniform/export   # another tokenizer, bundle's teacher
@@ -13,8 +14,9 @@ hard-edged PSNR also apart) and real photographs (scikit-image's samples), repor
 
 The teacher is the pretrained encoder the tokenizer was adapted from (`<bundle>/encoder/encoder.safetensors`, or
 `--teacher FILE`).
-The probe is multinomial logistic regression on mean-pooled last-layer patch tokens, fitted on training images and
-scored on held-out ones, identically for both encoders, so the gap measures what adaptation cost the semantics.
+The probes are `eval.shapeworld_probe`'s (logistic regression on frozen final-layer tokens: the main-object class from
+mean-pooled tokens, the shape and colour under each covered patch), fitted on training images and scored on held-out
+ones, identically for both encoders, so the gap measures what adaptation cost the semantics.
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from eval import generalisation
+from eval.shapeworld_probe import probe_report, shared_features
 from uniflow import UniFlowTokenizer
 from uniflow.checkpoint import check_output_dir
 from uniflow.configs import check_int
-from uniflow.data.shapeworld import NUM_CLASSES, ShapeWorldDataset
+from uniflow.data.shapeworld import ShapeWorldDataset
 from uniflow.encoders import VisionEncoder, build_encoder
 from uniflow.errors import ConfigError, OutputError, UniFlowError
 from uniflow.fileio import atomic_write_text
@@ -43,6 +46,7 @@ from uniflow.flow import MAX_STEPS
 from uniflow.metrics import patch_seam_ratio, psnr, ssim
 
 MAX_PSNR_DB = 100.0  # per-image PSNR is capped before averaging (an exact flat image would otherwise be infinite)
+PROBE_KEYS = ("class_accuracy", "shape_accuracy", "colour_accuracy")  # eval.shapeworld_probe's three probes
 GRID_COLUMNS = (8, 8, 8)  # ShapeWorld, synthetic (flat then hard-edged), photographs in the --grid picture
 
 
@@ -59,29 +63,6 @@ def batches(dataset: ShapeWorldDataset, count: int, batch_size: int, desc: str):
 @torch.no_grad()
 def features(encoder: VisionEncoder, images: torch.Tensor) -> list[torch.Tensor]:
     return encoder(encoder.normalize(images)).hidden_states
-
-
-def fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 300) -> torch.nn.Linear:
-    """Logistic regression with L-BFGS on standardised features (deterministic, seconds on a CPU)."""
-    torch.manual_seed(0)
-    probe = torch.nn.Linear(x.shape[1], classes)
-    opt = torch.optim.LBFGS(probe.parameters(), lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(probe(x), y) + 1e-4 * probe.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return probe
-
-
-def probe_accuracy(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor]) -> float:
-    mean, std = train[0].mean(0), train[0].std(0) + 1e-6
-    probe = fit_probe((train[0] - mean) / std, train[1], NUM_CLASSES)
-    with torch.no_grad():
-        return (probe((test[0] - mean) / std).argmax(1) == test[1]).float().mean().item()
 
 
 def reconstruction_scores(tokenizer: UniFlowTokenizer, images: torch.Tensor, steps: int, sampler: str, seed: int,
@@ -118,13 +99,17 @@ def generalisation_scores(tokenizer: UniFlowTokenizer, steps: int, sampler: str,
     return out, images
 
 
-def write_grid(path: Path, parts: list[tuple[torch.Tensor, torch.Tensor]], columns: tuple[int, ...]) -> None:
-    """Originals above reconstructions, the first `columns[i]` images of each part side by side."""
+def write_grid(path: Path, parts: list[tuple[torch.Tensor, torch.Tensor]], columns: tuple[int, ...],
+               zoom: int = 1) -> None:
+    """Originals above reconstructions, the first `columns[i]` images of each part side by side; `zoom` enlarges
+    every pixel to zoom x zoom (nearest neighbour), so a patch grid would show as it does under a viewer's zoom."""
     from train.tokenizer_task import save_grid  # the one grid writer (the training's reconstruction grids)
 
     originals = torch.cat([o[:k] for (o, _), k in zip(parts, columns)])
-    recons = torch.cat([r[:k] for (_, r), k in zip(parts, columns)])
-    save_grid(originals, recons.float(), path)
+    recons = torch.cat([r[:k] for (_, r), k in zip(parts, columns)]).float()
+    if zoom > 1:
+        originals, recons = (F.interpolate(x, scale_factor=zoom, mode="nearest") for x in (originals, recons))
+    save_grid(originals, recons, path)
 
 
 def _spread(images: torch.Tensor, k: int) -> torch.Tensor:
@@ -135,10 +120,12 @@ def _spread(images: torch.Tensor, k: int) -> torch.Tensor:
 
 def evaluate(bundle: Path, heldout: int = 1000, probe_train: int = 5000, steps: int = 1, sampler: str = "euler",
              batch_size: int = 100, seed: int = 0, tokenizer_dir: Path | None = None,
-             teacher_weights: Path | None = None, generalise: bool = True, grid: Path | None = None) -> dict:
+             teacher_weights: Path | None = None, generalise: bool = True, grid: Path | None = None,
+             grid_parts: Path | None = None, zoom: int = 4) -> dict:
     """Every figure of the bar; `tokenizer_dir`/`teacher_weights` replace the bundle's parts (ablation runs).
     probe_train 0 skips the probe (its figures are None); generalise adds the generalisation set's figures; grid
-    writes the 2xN picture there (it needs generalise)."""
+    writes the 2xN picture there (it needs generalise); grid_parts writes one 2x8 picture per part into that folder
+    (shapeworld.png, synthetic.png, photos.png), enlarged `zoom` times."""
     tokenizer_dir = tokenizer_dir or bundle / "tokenizer"
     teacher_weights = teacher_weights or bundle / "encoder" / "encoder.safetensors"
     tokenizer = UniFlowTokenizer.from_pretrained(tokenizer_dir)
@@ -148,14 +135,11 @@ def evaluate(bundle: Path, heldout: int = 1000, probe_train: int = 5000, steps: 
     deep = list(range(num_layers - math.ceil(num_layers / 3), num_layers))
     size = tokenizer.config.encoder.image_size  # ShapeWorld renders at any size; 64 px for the tiny stack
     test_set = ShapeWorldDataset("heldout", heldout, seed=0, image_size=size)
-    train_set = ShapeWorldDataset("train", probe_train, seed=0, image_size=size)
 
     psnrs, ssims, cosines = [], [], torch.zeros(num_layers)
     pairs = []  # (reconstruction, original) batches: the seam ratio pools the error over all images
-    feats = {"student": [], "teacher": []}
-    labels = []
     start = time.time()
-    for images, y in batches(test_set, heldout, batch_size, "held-out"):
+    for images, _ in batches(test_set, heldout, batch_size, "held-out"):
         recon = tokenizer.reconstruct(images, steps=steps, sampler=sampler, seed=seed + len(psnrs))
         psnrs.append(psnr(recon, images))
         ssims.append(ssim(recon, images))
@@ -163,23 +147,21 @@ def evaluate(bundle: Path, heldout: int = 1000, probe_train: int = 5000, steps: 
         s_states, t_states = features(student, images), features(teacher, images)
         for layer in range(num_layers):
             cosines[layer] += F.cosine_similarity(s_states[layer], t_states[layer], dim=-1).mean(1).sum()
-        feats["student"].append(s_states[-1].mean(1))
-        feats["teacher"].append(t_states[-1].mean(1))
-        labels.append(y)
     decode_time = time.time() - start
     cosines /= heldout
-    test = {k: (torch.cat(v), torch.cat(labels)) for k, v in feats.items()}
 
-    accuracy: dict[str, float | None] = {"student": None, "teacher": None}
-    if probe_train > 0:
-        train_feats = {"student": [], "teacher": []}
-        train_labels = []
-        for images, y in batches(train_set, probe_train, batch_size, "probe features"):
-            train_feats["student"].append(features(student, images)[-1].mean(1))
-            train_feats["teacher"].append(features(teacher, images)[-1].mean(1))
-            train_labels.append(y)
-        accuracy = {k: probe_accuracy((torch.cat(train_feats[k]), torch.cat(train_labels)), test[k])
-                    for k in ("student", "teacher")}
+    probes: dict[str, dict] = {}
+    if probe_train > 0:  # eval.shapeworld_probe's probes, on the same images for both encoders
+        encoders = {"student": student, "teacher": teacher}
+        fit = shared_features(encoders, "train", probe_train, batch_size=batch_size)
+        test = shared_features(encoders, "heldout", heldout, batch_size=batch_size)
+        for name in encoders:
+            print(f"fitting the {name}'s probes ...", file=sys.stderr)
+            probes[name] = probe_report((fit[name], test[name]))
+    probe_figures: dict[str, float | None] = {}
+    for name in ("student", "teacher"):
+        for key in PROBE_KEYS:
+            probe_figures[f"probe_{key}_{name}"] = probes[name][key] if probes else None
     extra: dict = {}
     if generalise:
         extra, parts = generalisation_scores(tokenizer, steps, sampler, seed, batch_size)
@@ -189,6 +171,13 @@ def evaluate(bundle: Path, heldout: int = 1000, probe_train: int = 5000, steps: 
             write_grid(grid, [shapeworld, synthetic] + ([parts["photos"]] if "photos" in parts else []),
                        GRID_COLUMNS)
             extra["grid"] = str(grid)
+        if grid_parts is not None:
+            named = {"shapeworld": (pairs[0][1], pairs[0][0]),
+                     "synthetic": tuple(_spread(x, GRID_COLUMNS[1]) for x in parts["synthetic"]),
+                     **({"photos": parts["photos"]} if "photos" in parts else {})}
+            for name, pair in named.items():
+                write_grid(grid_parts / f"{name}.png", [pair], (GRID_COLUMNS[0],), zoom)
+            extra["grid_parts"] = [str(grid_parts / f"{name}.png") for name in named]
     return {
         "tokenizer": str(tokenizer_dir),
         "teacher": str(teacher_weights),
@@ -202,9 +191,11 @@ def evaluate(bundle: Path, heldout: int = 1000, probe_train: int = 5000, steps: 
         "deepest_third_layers": [layer + 1 for layer in deep],
         "cosine_to_teacher_deepest_third": cosines[deep].mean().item(),
         "probe_train_images": probe_train,
-        "probe_accuracy_student": accuracy["student"],
-        "probe_accuracy_teacher": accuracy["teacher"],
-        "probe_gap_points": None if probe_train == 0 else 100 * (accuracy["teacher"] - accuracy["student"]),
+        "probe_accuracy_student": probe_figures["probe_class_accuracy_student"],
+        "probe_accuracy_teacher": probe_figures["probe_class_accuracy_teacher"],
+        "probe_gap_points": (100 * (probes["teacher"]["class_accuracy"] - probes["student"]["class_accuracy"])
+                             if probes else None),
+        **probe_figures,
         "reconstruct_seconds": decode_time,
         **extra,
     }
@@ -227,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the generalisation set (flat, hard-edged and photographic images)")
     parser.add_argument("--grid", type=Path, default=None,
                         help="write a PNG here: originals above 1-step reconstructions (ShapeWorld, synthetic, photos)")
+    parser.add_argument("--grid-parts", type=Path, default=None,
+                        help="write shapeworld.png, synthetic.png and photos.png (2x8 each, originals above "
+                             "reconstructions) into this folder, enlarged --zoom times")
+    parser.add_argument("--zoom", type=int, default=4, help="pixel enlargement of the --grid-parts pictures")
     args = parser.parse_args(argv)
     try:
         # every numeric option is range-checked here, before any compute: `--steps 0` is an error, never "1 step"
@@ -245,15 +240,22 @@ def main(argv: list[str] | None = None) -> int:
             if args.grid.is_dir() or args.grid.suffix.lower() != ".png":
                 raise OutputError(f"--grid: expected a .png file path, got {args.grid}")
             check_output_dir(args.grid.parent, "--grid")
+        check_int("--zoom", args.zoom, 1, 17)
+        if args.grid_parts is not None:
+            if args.no_generalisation:
+                raise ConfigError("--grid-parts shows the generalisation set: drop --no-generalisation")
+            check_output_dir(args.grid_parts, "--grid-parts")
         result = evaluate(args.bundle, args.heldout, args.probe_train, args.steps, args.sampler,
                           batch_size=args.batch_size, seed=args.seed, tokenizer_dir=args.tokenizer,
-                          teacher_weights=args.teacher, generalise=not args.no_generalisation, grid=args.grid)
+                          teacher_weights=args.teacher, generalise=not args.no_generalisation, grid=args.grid,
+                          grid_parts=args.grid_parts, zoom=args.zoom)
     except UniFlowError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print("| metric | value |\n| --- | --- |")
     keys = ["psnr_db", "ssim", "patch_seam_ratio", "cosine_to_teacher_deepest_third", "probe_accuracy_student",
             "probe_accuracy_teacher", "probe_gap_points"]
+    keys += [f"probe_{key}_{name}" for name in ("teacher", "student") for key in PROBE_KEYS[1:]]
     keys += [f"{part}_{key}" for part in ("synthetic", "flat", "hard_edges", "photos")
              for key in ("psnr_db", "ssim", "patch_seam_ratio")]
     for key in keys:

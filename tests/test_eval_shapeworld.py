@@ -23,6 +23,8 @@ def test_student_equal_to_teacher_scores_perfect_agreement(tmp_path):
     result = evaluate(tmp_path / "bundle", heldout=6, probe_train=12, batch_size=4)
     assert abs(result["cosine_to_teacher_deepest_third"] - 1.0) < 1e-5
     assert result["probe_gap_points"] == 0.0
+    for key in ("class", "shape", "colour"):  # eval.shapeworld_probe's three probes, the same for equal encoders
+        assert result[f"probe_{key}_accuracy_student"] == result[f"probe_{key}_accuracy_teacher"] is not None
     assert result["deepest_third_layers"] == [3]
     assert 0 < result["psnr_db"] < 40 and -1 <= result["ssim"] <= 1 and result["patch_seam_ratio"] > 0
 
@@ -55,7 +57,8 @@ def test_generalisation_figures_and_grid(tmp_path, capsys):
     grid, out = tmp_path / "figs" / "grid.png", tmp_path / "eval.json"
     (tmp_path / "figs").mkdir()
     assert main(["--bundle", str(tmp_path / "bundle"), "--heldout", "8", "--probe-train", "0", "--batch-size", "8",
-                 "--grid", str(grid), "--out", str(out)]) == 0
+                 "--grid", str(grid), "--grid-parts", str(tmp_path / "parts"), "--zoom", "3",
+                 "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["probe_gap_points"] is None and result["probe_accuracy_student"] is None  # --probe-train 0
     for part in ("synthetic", "flat", "hard_edges", "photos"):
@@ -65,6 +68,9 @@ def test_generalisation_figures_and_grid(tmp_path, capsys):
     assert "| synthetic_psnr_db |" in printed and "| photos_psnr_db |" in printed
     # 2 rows (originals, reconstructions) of 8 ShapeWorld + 8 synthetic + 8 photos, 32 px each, 2-px gutters
     assert Image.open(grid).size == (24 * 34 + 2, 2 * 32 + 3 * 2)
+    # one 2x8 picture per part, every pixel enlarged 3x: the picture is 3x larger
+    for part in ("shapeworld", "synthetic", "photos"):
+        assert Image.open(tmp_path / "parts" / f"{part}.png").size == (8 * (96 + 2) + 2, 2 * 96 + 3 * 2)
 
 
 def test_grid_and_probe_options_are_checked_before_compute(tmp_path, capsys):
@@ -74,6 +80,8 @@ def test_grid_and_probe_options_are_checked_before_compute(tmp_path, capsys):
     assert main(["--bundle", str(tmp_path / "bundle"), "--grid", str(tmp_path / "g.png"),
                  "--no-generalisation"]) == 2
     assert "--no-generalisation" in capsys.readouterr().err
+    assert main(["--bundle", str(tmp_path / "bundle"), "--zoom", "0"]) == 2
+    assert "--zoom" in capsys.readouterr().err
     assert main(["--bundle", str(tmp_path / "bundle"), "--probe-train", "-1"]) == 2
     assert "--probe-train" in capsys.readouterr().err
     assert not (tmp_path / "g.png").exists()

@@ -40,6 +40,10 @@ class ImageDataConfig:
         periodic evaluation (all sources).
     verify: open every image header of a folder once at start, skipping and counting unreadable files.
     num_workers: DataLoader worker processes (0: load in the training process).
+    procedural_share: share of training images replaced by label-free procedural images
+        (`uniflow.data.procedural`: flat fields, gradients, texture, hard and soft edges in any colour), so a
+        tokenizer learns more than one dataset's look; 0 (the default) trains on the dataset alone. Held-out
+        evaluation never uses them. Tasks that need labels refuse a share above 0.
     """
 
     source: str = "shapeworld"
@@ -55,8 +59,10 @@ class ImageDataConfig:
     seed: int = 0
     num_workers: int = 0
     verify: bool = True
+    procedural_share: float = 0.0
 
     def __post_init__(self) -> None:
+        check_number("procedural_share", self.procedural_share, 0.0, 1.0)
         check_choice("source", self.source, SOURCES)
         check_number("image_size", self.image_size, 1, None)
         if self.num_samples is not None:
@@ -210,8 +216,38 @@ def load_hf_rows(path: str, split: str | None, field: str = "data.path") -> Any:
     return ds
 
 
+class MixedImageDataset(Dataset):
+    """`base` with a share of its items replaced by procedural images: item i is procedural when a draw from
+    (seed, i) falls under `share`, so the mix is a pure function of the index (resumable, the same on every rank).
+    Procedural items carry label -1."""
+
+    def __init__(self, base: Dataset, share: float, seed: int, image_size: int) -> None:
+        from uniflow.data.procedural import ProceduralDataset
+
+        check_number("procedural_share", share, 0.0, 1.0)
+        self.base, self.share, self.seed = base, share, seed
+        self.procedural = ProceduralDataset(len(base), seed=seed, image_size=image_size)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def is_procedural(self, index: int) -> bool:
+        return bool(np.random.default_rng([0x313, self.seed, int(index)]).random() < self.share)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.procedural[index] if self.is_procedural(index) else self.base[index]
+
+
 def build_dataset(data: ImageDataConfig, heldout: bool = False) -> Dataset | None:
-    """The training (or held-out) dataset an ImageDataConfig describes; held-out is None when none is configured."""
+    """The training (or held-out) dataset an ImageDataConfig describes; held-out is None when none is configured.
+    A `procedural_share` above 0 mixes procedural images into the training set only."""
+    dataset = _build_source(data, heldout)
+    if heldout or data.procedural_share == 0 or dataset is None:
+        return dataset
+    return MixedImageDataset(dataset, data.procedural_share, data.seed, data.image_size)
+
+
+def _build_source(data: ImageDataConfig, heldout: bool) -> Dataset | None:
     if data.source == "shapeworld":
         from uniflow.data.shapeworld import ShapeWorldDataset
 
