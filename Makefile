@@ -12,6 +12,7 @@ $(VENV)/.ready:
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1" || $(PY) -m pip install -q torch torchvision
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps $(shell $(PYTHON) tools/env_key.py --no-deps)
 	touch $@
 
 env: $(VENV)/.ready
@@ -43,18 +44,23 @@ checkpoints: env
 		export.dir=$(BUNDLE)/tokenizer
 	$(PY) -m eval.shapeworld_tokenizer --bundle $(BUNDLE) --out $(BUNDLE)/eval.json
 
-# The paper's two ablations at ShapeWorld scale, each at the budget of the bundled run (after `make checkpoints`,
-# which leaves the baseline in runs/tokenizer_tiny): uniform instead of adaptive layer weights, and no global blocks.
-TRAIN_TOKENIZER := $(PY) -m app.cli train tokenizer --config train/configs/tokenizer_tiny.yaml
-EVAL_TOKENIZER := $(PY) -m eval.shapeworld_tokenizer --bundle $(BUNDLE)
-ablations: env
-	$(TRAIN_TOKENIZER) model.distill.weighting=uniform run_dir=runs/abl_uniform \
-		export.dir=runs/abl_uniform/export export.dtype=float16
-	$(EVAL_TOKENIZER) --tokenizer runs/abl_uniform/export --out runs/abl_uniform/eval.json
-	$(TRAIN_TOKENIZER) model.decoder.global_depth=0 run_dir=runs/abl_gtb0 \
-		export.dir=runs/abl_gtb0/export export.dtype=float16
-	$(EVAL_TOKENIZER) --tokenizer runs/abl_gtb0/export --out runs/abl_gtb0/eval.json
-	$(PY) -m eval.compare_runs baseline=runs/tokenizer_tiny uniform=runs/abl_uniform global_depth_0=runs/abl_gtb0
+# The paper's two ablations at ShapeWorld scale, at the 400-step search budget (docs/results.md): the recipe of
+# tokenizer_tiny.yaml as the baseline, uniform instead of adaptive layer weights, and no global blocks; plus the
+# recipe without the procedural mix. Each arm one thread; run them side by side on a 2-core machine with `make -j2`.
+# Needs the teacher of `make checkpoints` (runs/encoder_tiny/export).
+TRAIN_TOKENIZER := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m app.cli train tokenizer \
+	--config train/configs/tokenizer_tiny.yaml steps=400 log.eval_every=0 checkpoint.every=0 export.dtype=float16
+EVAL_TOKENIZER := $(PY) -m eval.shapeworld_tokenizer --bundle $(BUNDLE) --teacher runs/encoder_tiny/export/encoder.safetensors
+ARMS := p25 p25_uniform p25_gtb0 p0
+ARM_p25 :=
+ARM_p25_uniform := model.distill.weighting=uniform
+ARM_p25_gtb0 := model.decoder.global_depth=0
+ARM_p0 := data.procedural_share=0
+ablations: $(addprefix runs/arm_,$(addsuffix /eval.json,$(ARMS)))
+	$(PY) -m eval.compare_runs $(foreach a,$(ARMS),$(a)=runs/arm_$(a))
+runs/arm_%/eval.json: | env
+	$(TRAIN_TOKENIZER) run_dir=runs/arm_$* export.dir=runs/arm_$*/export $(ARM_$*)
+	$(EVAL_TOKENIZER) --tokenizer runs/arm_$*/export --grid runs/arm_$*/grid.png --out $@
 
 # Reconstruct held-out ShapeWorld images with the bundled tokenizer and print PSNR/SSIM per image.
 example: env

@@ -147,12 +147,21 @@ def build_parser() -> argparse.ArgumentParser:
     from app.latent_stats_cli import add_cli as add_latent_stats_cli
 
     add_latent_stats_cli(sub)
+    from app.chat_cli import add_cli as add_chat_cli
+
+    add_chat_cli(sub)
+    from app.generate_cli import add_cli as add_generate_cli
+
+    add_generate_cli(sub)
 
     data = sub.add_parser("data", help="datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     from app.data_cli import add_cli as add_shapes_cli
 
     add_shapes_cli(data_sub)
+    from app.eval_cli import add_cli as add_eval_cli
+
+    add_eval_cli(sub)
     return parser
 
 

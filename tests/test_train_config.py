@@ -290,7 +290,7 @@ def test_cli_registers_train_kinds() -> None:
     args = parser.parse_args(["train", "tokenizer", "--config", "c.yaml", "optim.lr=1e-3", "--resume", "steps=9"])
     assert _split_resume(args) == (True, ["optim.lr=1e-3", "steps=9"])  # an override, not a folder
     with pytest.raises(SystemExit), warnings.catch_warnings():
-        parser.parse_args(["train", "generator", "--config", "c.yaml"])
+        parser.parse_args(["train", "painter", "--config", "c.yaml"])
 
 
 def test_cli_kinds_come_from_the_one_registry(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -189,14 +189,13 @@ def _build_model(task: Task, ds_config: dict[str, Any], stage: int) -> torch.nn.
     if stage < 3:
         return task.build_model()
     import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
 
-    hf_zero3 = None
     try:
-        from transformers.integrations import HfDeepSpeedConfig
-
         hf_zero3 = HfDeepSpeedConfig(ds_config)
-    except ImportError:
-        pass
+    except ImportError as err:  # never silently: without it `from_pretrained` would load whole copies on every rank
+        raise ConfigError(f"ZeRO-3 needs transformers' DeepSpeed integration, which needs `accelerate` "
+                          f"(pip install accelerate): {err}") from None
     try:
         with deepspeed.zero.Init(config_dict_or_path=ds_config), _init_skips_partitioned():
             return task.build_model()

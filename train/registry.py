@@ -24,6 +24,12 @@ KINDS: dict[str, Kind] = {
                     "pretrain the tiny ViT encoder on ShapeWorld labels (the teacher the tokenizer adapts)"),
     "tokenizer": Kind("train.tokenizer_task:TokenizerTask",
                       "train the UniFlow tokenizer (self-distillation + pixel flow decoder)"),
+    "mllm": Kind("train.mllm_task:MLLMTask",
+                 "train the multimodal model: UniFlow encoder tokens -> projector -> LLM (stage 1 projector, stage 2 "
+                 "LoRA or full)"),
+    "generator": Kind("train.generator_task:GeneratorTask",
+                      "train the class-conditional AR generator (causal transformer + flow head) on a frozen "
+                      "tokenizer's latents"),
 }
 
 

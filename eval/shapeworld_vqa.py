@@ -1,0 +1,146 @@
+"""The ShapeWorld MLLM's two checks, in one command:
+
+1. Held-out visual questions: every question (shape, colour, count, position, yes/no) of the first `--num` held-out
+   ShapeWorld images, asked alone with its image, answered greedily, scored by exact match after normalisation
+   (case, punctuation, number words: `mllm.data.normalize_answer`). Targets: >= 90% overall, >= 80% per type.
+2. Language kept: the plain-text questions of `eval/data/plain_questions.json` (short known answers), asked with no
+   image to the tuned model and to its base LLM (the same model with the LoRA switched off); a reply is right when an
+   accepted answer appears in it as whole words. Target: tuned >= base - 1.
+
+    python -m eval.shapeworld_vqa --mllm checkpoints/shapeworld/mllm [--num 200] [--out result.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PLAIN_QUESTIONS = Path(__file__).resolve().parent / "data" / "plain_questions.json"
+OVERALL_TARGET, TYPE_TARGET = 0.90, 0.80
+
+
+def visual_accuracy(model: Any, num_images: int, batch_size: int, max_new_tokens: int, seed: int = 0,
+                    progress: bool = True) -> dict[str, Any]:
+    """Per-type and overall exact-match accuracy on held-out ShapeWorld questions (batched greedy answers)."""
+    from tqdm import tqdm
+
+    from mllm.data import exact_match, shapeworld_questions
+
+    questions = shapeworld_questions("heldout", num_images, seed)
+    per_type: dict[str, list[int]] = {}
+    wrong: list[dict[str, str]] = []
+    bar = tqdm(total=len(questions), desc="questions", unit="q", file=sys.stderr, disable=not progress)
+    for start in range(0, len(questions), batch_size):
+        chunk = questions[start:start + batch_size]
+        answers = model.generate([([q["image"]], "<image>\n" + q["question"]) for q in chunk],
+                                 max_new_tokens=max_new_tokens)
+        for q, a in zip(chunk, answers):
+            ok = exact_match(a, q["answer"])
+            per_type.setdefault(q["type"], [0, 0])
+            per_type[q["type"]][0] += int(ok)
+            per_type[q["type"]][1] += 1
+            if not ok and len(wrong) < 20:
+                wrong.append({"index": q["index"], "question": q["question"], "answer": q["answer"], "reply": a})
+        bar.update(len(chunk))
+    bar.close()
+    correct = sum(c for c, _ in per_type.values())
+    total = sum(n for _, n in per_type.values())
+    return {"questions": total, "exact": correct / max(total, 1),
+            "per_type": {t: {"correct": c, "total": n, "exact": c / max(n, 1)}
+                         for t, (c, n) in sorted(per_type.items())},
+            "examples_wrong": wrong}
+
+
+def plain_accuracy(model: Any, path: Path, max_new_tokens: int) -> dict[str, Any]:
+    """Right answers of the tuned model and of its base (LoRA off) on the plain-text questions."""
+    from mllm.data import contains_answer
+
+    items = json.loads(Path(path).read_text())
+    prompts = [(None, item["question"]) for item in items]
+    tuned = model.generate(prompts, max_new_tokens=max_new_tokens)
+    if model.config.llm_tuning == "lora":
+        with model.llm.disable_adapter():
+            base = model.generate(prompts, max_new_tokens=max_new_tokens)
+    else:  # a stage-1 model leaves the LLM untouched: its base answers are its own
+        base = tuned
+    rows = [{"question": it["question"], "answers": it["answers"], "tuned": t, "base": b,
+             "tuned_right": contains_answer(t, it["answers"]), "base_right": contains_answer(b, it["answers"])}
+            for it, t, b in zip(items, tuned, base)]
+    return {"questions": len(rows), "tuned_right": sum(r["tuned_right"] for r in rows),
+            "base_right": sum(r["base_right"] for r in rows), "rows": rows}
+
+
+def print_report(visual: dict[str, Any] | None, plain: dict[str, Any] | None) -> bool:
+    """The tables; returns whether every target is met."""
+    ok = True
+    if visual is not None:
+        print(f"{'type':<10} {'correct':>8} {'total':>6} {'exact':>7}")
+        for t, row in visual["per_type"].items():
+            print(f"{t:<10} {row['correct']:>8} {row['total']:>6} {100 * row['exact']:>6.1f}%")
+        print(f"{'all':<10} {round(visual['exact'] * visual['questions']):>8} {visual['questions']:>6} "
+              f"{100 * visual['exact']:>6.1f}%")
+        met = visual["exact"] >= OVERALL_TARGET and all(r["exact"] >= TYPE_TARGET for r in visual["per_type"].values())
+        print(f"targets (>= {OVERALL_TARGET:.0%} overall, >= {TYPE_TARGET:.0%} per type): "
+              f"{'met' if met else 'NOT met'}")
+        ok &= met
+    if plain is not None:
+        met = plain["tuned_right"] >= plain["base_right"] - 1
+        print(f"plain-text questions: tuned {plain['tuned_right']}/{plain['questions']} right, base "
+              f"{plain['base_right']}/{plain['questions']} (target: tuned >= base - 1: {'met' if met else 'NOT met'})")
+        ok &= met
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m eval.shapeworld_vqa", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mllm", default="checkpoints/shapeworld/mllm", help="MLLM folder")
+    parser.add_argument("--num", type=int, default=200, help="held-out images (5 questions each; 0: none)")
+    parser.add_argument("--batch-size", type=int, default=16, help="questions answered together")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--plain", default=str(PLAIN_QUESTIONS), help="plain-text questions (JSON list)")
+    parser.add_argument("--no-plain", action="store_true", help="skip the plain-text language check")
+    parser.add_argument("--plain-max-new-tokens", type=int, default=48)
+    parser.add_argument("--out", default=None, help="also write the results as JSON here")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    def run(args: argparse.Namespace) -> int:
+        from mllm.model import UniFlowChat
+        from uniflow.checkpoint import check_output_dir
+        from uniflow.configs import check_int
+        from uniflow.errors import ConfigError
+
+        check_int("--num", args.num, 0)
+        check_int("--batch-size", args.batch_size, 1, 1025)
+        check_int("--max-new-tokens", args.max_new_tokens, 1, 4097)
+        check_int("--plain-max-new-tokens", args.plain_max_new_tokens, 1, 4097)
+        if not args.no_plain and not Path(args.plain).is_file():
+            raise ConfigError(f"--plain: {args.plain} not found")
+        if args.out is not None:
+            check_output_dir(Path(args.out).parent or Path("."), "--out")
+        t0 = time.perf_counter()
+        model = UniFlowChat.from_pretrained(args.mllm)
+        visual = visual_accuracy(model, args.num, args.batch_size, args.max_new_tokens,
+                                 progress=not args.no_progress) if args.num else None
+        plain = None if args.no_plain else plain_accuracy(model, Path(args.plain), args.plain_max_new_tokens)
+        ok = print_report(visual, plain)
+        if args.out:
+            from uniflow.fileio import atomic_write_text
+
+            result = {"mllm": str(args.mllm), "visual": visual, "plain": plain, "targets_met": ok,
+                      "seconds": round(time.perf_counter() - t0, 1)}
+            atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
+        return 0
+
+    from uniflow.errors import run_command
+
+    return run_command(run, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
