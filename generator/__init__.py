@@ -7,8 +7,9 @@ Public names load lazily, so `import generator` does not import torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from uniflow.lazy import lazy_exports
 
 _EXPORTS = {
     "ARGenerator": "generator.model",
@@ -30,13 +31,4 @@ if TYPE_CHECKING:
     from generator.sample import sample_images, sample_latents, write_npz
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'generator' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

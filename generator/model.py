@@ -32,7 +32,7 @@ from torch import nn
 
 from generator.fingerprint import short, tokenizer_fingerprint
 from uniflow import checkpoint, flow, hub
-from uniflow.configs import check_choice, check_number, from_dict, to_dict
+from uniflow.configs import KindConfig, check_choice, check_number
 from uniflow.errors import CheckpointError, ConfigError
 from uniflow.flow import FlowConfig
 from uniflow.flow_head import FlowHead
@@ -47,7 +47,7 @@ def _default_flow() -> FlowConfig:
 
 
 @dataclass
-class GeneratorConfig:
+class GeneratorConfig(KindConfig):
     """The generator's sizes, training choices, sampling defaults and the tokenizer it belongs to.
 
     grid: (rows, cols) of latent tokens (image side / patch side); token_channels: the tokenizer's latent width.
@@ -61,6 +61,9 @@ class GeneratorConfig:
     tokenizer_fingerprint / latent_mean / latent_std: the tokenizer whose normalised latents this generator models
         (`generator.fingerprint`), and the statistics it was trained with; set by training, checked at sampling.
     """
+
+    MODEL_KIND = MODEL_KIND
+    kind_error = CheckpointError
 
     num_classes: int = 1000
     grid: tuple[int, int] = (16, 16)
@@ -142,17 +145,6 @@ class GeneratorConfig:
             return self.ffn_hidden
         hidden = int(2 * 4 * self.width / 3)
         return self.ffn_multiple_of * math.ceil(hidden / self.ffn_multiple_of)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "generator config") -> GeneratorConfig:
-        data = dict(data)
-        kind = data.pop("model_kind", MODEL_KIND)
-        if kind != MODEL_KIND:
-            raise CheckpointError(f"{source}: model_kind is {kind!r}, expected {MODEL_KIND!r} (a generator folder)")
-        return from_dict(cls, data, source)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"model_kind": MODEL_KIND, **to_dict(self)}
 
 
 # ------------------------------------------------------------------------------------------------------ building blocks

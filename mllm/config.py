@@ -9,8 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from uniflow.configs import FieldError, check_choice, check_number, from_dict, to_dict
-from uniflow.errors import ConfigError
+from uniflow.configs import FieldError, KindConfig, check_choice, check_number
 
 MODEL_KIND = "uniflow-mllm"
 PROJECTORS = ("mlp", "pixel_shuffle")
@@ -92,12 +91,14 @@ class LoraConfig:
 
 
 @dataclass
-class MLLMConfig:
+class MLLMConfig(KindConfig):
     """The whole model. llm_tuning: "none" (stage 1: only the projector learns), "lora" or "full" (stage 2).
     system_prompt: the system message of every conversation (null: the chat template's default, "" an empty one);
     training and inference use the same. max_length: longest token sequence (visual tokens included) a training
     sample may have; longer ones are cut on the right (never inside an image). autocast: "bf16" runs the forward under
     bf16 autocast with fp32 weights (faster on CPUs with bf16 units); null: the weights' dtype."""
+
+    MODEL_KIND = MODEL_KIND
 
     vision: VisionConfig = field(default_factory=VisionConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
@@ -112,14 +113,3 @@ class MLLMConfig:
         check_choice("llm_tuning", self.llm_tuning, LLM_TUNING)
         check_number("max_length", self.max_length, 8, None)
         check_choice("autocast", self.autocast, AUTOCAST)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "mllm config") -> MLLMConfig:
-        data = dict(data)
-        kind = data.pop("model_kind", MODEL_KIND)
-        if kind != MODEL_KIND:
-            raise ConfigError(f"{source}: model_kind is {kind!r}, expected {MODEL_KIND!r}")
-        return from_dict(cls, data, source)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"model_kind": MODEL_KIND, **to_dict(self)}

@@ -6,8 +6,9 @@ for `--help` and argument checks) does not import torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from uniflow.lazy import lazy_exports
 
 _EXPORTS = {
     "DecoderConfig": "uniflow.decoder",
@@ -44,13 +45,4 @@ if TYPE_CHECKING:
     from uniflow.tokenizer import Encoded, TokenizerConfig, TokenizerLoss, UniFlowTokenizer, load_encoder
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'uniflow' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -224,6 +224,28 @@ def to_dict(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
+class KindConfig:
+    """Mixin for the config of a checkpoint folder (`config.json`): written with the folder's `model_kind` and read
+    back only when the kind matches, so a generator folder passed where a tokenizer is expected (or the reverse) is
+    refused with one line naming both kinds. Subclasses set `MODEL_KIND` and `kind_error` (the error raised)."""
+
+    MODEL_KIND: typing.ClassVar[str] = ""
+    kind_error: typing.ClassVar[type[Exception]] = ConfigError
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str | None = None) -> Any:
+        source = source or f"{cls.MODEL_KIND} config"
+        if isinstance(data, dict):
+            data = dict(data)
+            kind = data.pop("model_kind", cls.MODEL_KIND)
+            if kind != cls.MODEL_KIND:
+                raise cls.kind_error(f"{source}: model_kind is {kind!r}, expected {cls.MODEL_KIND!r}")
+        return from_dict(cls, data, source)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model_kind": self.MODEL_KIND, **to_dict(self)}
+
+
 # ----------------------------------------------------------------------------------------------- merging and reading
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """`extra` over `base`, recursing into mappings present in both; inputs are not modified."""

@@ -17,13 +17,12 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from uniflow import checkpoint, hub
-from uniflow.configs import from_dict, to_dict
+from uniflow.configs import KindConfig
 from uniflow.decoder import DecoderConfig, PixelFlowDecoder, mlp
 from uniflow.distill import DistillConfig, distillation_loss
 from uniflow.encoders import EncoderConfig, VisionEncoder, build_encoder
@@ -36,24 +35,17 @@ MODEL_KIND = "uniflow-tokenizer"
 
 
 @dataclass
-class TokenizerConfig:
+class TokenizerConfig(KindConfig):
+    """The tokenizer's parts and loss weights; `config.json` of a tokenizer folder."""
+
+    MODEL_KIND = MODEL_KIND
+
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
     distill_weight: float = 1.0
     flow_weight: float = 1.0
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "tokenizer config") -> TokenizerConfig:
-        data = dict(data)
-        kind = data.pop("model_kind", MODEL_KIND)
-        if kind != MODEL_KIND:
-            raise ConfigError(f"{source}: model_kind is {kind!r}, expected {MODEL_KIND!r}")
-        return from_dict(cls, data, source)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"model_kind": MODEL_KIND, **to_dict(self)}
 
 
 @dataclass
