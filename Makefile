@@ -42,6 +42,7 @@ checkpoints: env
 		export.dir=$(BUNDLE)/encoder --resume --export-only
 	$(PY) -m app.cli train tokenizer --config train/configs/tokenizer_tiny.yaml export.dtype=float16 \
 		export.dir=$(BUNDLE)/tokenizer
+	$(PY) -m app.cli latent-stats --tokenizer $(BUNDLE)/tokenizer --data shapeworld --overwrite
 	$(PY) -m eval.shapeworld_tokenizer --bundle $(BUNDLE) --out $(BUNDLE)/eval.json
 
 # The paper's two ablations at ShapeWorld scale, at the 400-step search budget (docs/results.md): the recipe of
