@@ -1,5 +1,6 @@
 """The decoder's recipe options (data prediction, border-weighted loss, time point mass at 0): each range-checked,
-and the default path bit-for-bit the release's, so the converted official checkpoint and the bundle decode as before."""
+and the default path bit-for-bit the release's, so the converted official checkpoint and older folders decode as
+before."""
 
 import json
 from pathlib import Path
@@ -50,20 +51,36 @@ def test_default_decoder_loss_and_sampling_are_the_releases():
     assert torch.allclose(out, unpatchify(expected.view(2, 4, 48), 4, (2, 2)), atol=1e-6)
 
 
-@pytest.mark.skipif(not BUNDLE.exists(), reason="the bundled ShapeWorld tokenizer is not in this checkout")
-def test_bundle_config_reads_the_default_options_and_decodes_as_before():
-    config = json.loads((BUNDLE / "config.json").read_text())
-    assert "prediction" not in config["decoder"]  # written before the options existed: defaults apply
-    tokenizer = UniFlowTokenizer.from_pretrained(BUNDLE)
+def test_a_folder_written_before_the_options_reads_the_defaults_and_decodes_as_before(tmp_path):
+    """A tokenizer folder from before the options (the first bundle, the converted release) has none of the new
+    fields in its config.json: they read as the defaults, and decoding is the release's velocity Euler step."""
+    torch.manual_seed(0)
+    saved = UniFlowTokenizer.from_config(tiny_tokenizer_config(image_size=32, patch=8))
+    for p in saved.decoder.flow_head.parameters():  # leave the zero init so the head's output is not trivially zero
+        torch.nn.init.normal_(p, std=0.05)
+    saved.save_pretrained(tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    for section, key in (("decoder", "prediction"), ("decoder", "border_loss_weight"), ("flow", "t0_prob")):
+        del config[section][key]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    tokenizer = UniFlowTokenizer.from_pretrained(tmp_path / "old")
     assert tokenizer.config.decoder.prediction == "velocity" and tokenizer.config.flow.t0_prob == 0.0
-    latents = torch.randn(1, 64, 64)
+    assert tokenizer.config.decoder.border_loss_weight == 1.0
+    latents = torch.randn(1, 16, tokenizer.config.decoder.latent_channels)
     out = tokenizer.decode(latents, seed=3)
     decoder = tokenizer.decoder
-    cond = decoder.condition(latents, (8, 8)).flatten(0, 1)
-    noise = torch.randn(64, decoder.patch_dim, generator=torch.Generator().manual_seed(3))
+    cond = decoder.condition(latents, (4, 4)).flatten(0, 1)
+    noise = torch.randn(16, decoder.patch_dim, generator=torch.Generator().manual_seed(3))
     before = flow.sample(lambda x, t: decoder.flow_head(x, t, cond), noise, 1, "euler")  # the code before options
-    ref = unpatchify(before.view(1, 64, decoder.patch_dim), decoder.patch_size, (8, 8))
+    ref = unpatchify(before.view(1, 16, decoder.patch_dim), decoder.patch_size, (4, 4))
     assert torch.equal(out, tokenizer.encoder.denormalize(ref).clamp(0, 1))
+
+
+@pytest.mark.skipif(not BUNDLE.exists(), reason="the bundled ShapeWorld tokenizer is not in this checkout")
+def test_the_bundle_records_its_recipe():
+    config = json.loads((BUNDLE / "config.json").read_text())
+    assert config["decoder"]["prediction"] == "data" and config["decoder"]["border_loss_weight"] == 5.0
+    assert UniFlowTokenizer.from_pretrained(BUNDLE).config.flow.t0_prob == 0.25
 
 
 def test_data_prediction_decodes_the_heads_output():
