@@ -416,22 +416,14 @@ class GeneratorTask(ImageTask):
     @torch.no_grad()
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         out: dict[str, float] = {}
-        scopes: list[tuple[str, Any]] = [("", None)]
-        if ctx.ema_scope is not None:
-            scopes.append(("_ema", ctx.ema_scope))
+        scopes = ctx.weight_scopes()
         for suffix, scope in scopes:
-            if scope is None:
+            with scope():
                 out[f"heldout_loss{suffix}"] = self._heldout_loss(ctx)
-            else:
-                with scope():
-                    out[f"heldout_loss{suffix}"] = self._heldout_loss(ctx)
-        if self.eval_options.grid_classes > 0:
-            scope = scopes[-1][1]
-            if scope is None:
-                self._grid(ctx, scopes[-1][0])
-            else:
-                with scope():
-                    self._grid(ctx, scopes[-1][0])
+        if self.eval_options.grid_classes > 0:  # one grid, from the EMA weights when there are any
+            suffix, scope = scopes[-1]
+            with scope():
+                self._grid(ctx, suffix)
         return out
 
     def _heldout_loss(self, ctx: EvalContext) -> float:

@@ -69,6 +69,14 @@ class EvalContext:
     partitioned: bool = False
     collate: Callable[[list[Any]], Any] = field(default=default_collate)
 
+    def weight_scopes(self) -> list[tuple[str, Callable[[], contextlib.AbstractContextManager[Any]]]]:
+        """("", the live weights) and, when the run keeps an EMA, ("_ema", the EMA weights swapped in): one loop
+        evaluates both, the suffix naming the metric (`heldout_psnr`, `heldout_psnr_ema`)."""
+        scopes: list[tuple[str, Callable[[], contextlib.AbstractContextManager[Any]]]] = [("", contextlib.nullcontext)]
+        if self.ema_scope is not None:
+            scopes.append(("_ema", self.ema_scope))
+        return scopes
+
     def gathered(self) -> contextlib.AbstractContextManager[Any]:
         """All of `module`'s parameters whole on every rank for the block (ZeRO-3), or nothing to do."""
         if not self.partitioned or self.module is None:

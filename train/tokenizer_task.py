@@ -163,15 +163,9 @@ class TokenizerTask(ImageTask):
     @torch.no_grad()
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         out: dict[str, float] = {}
-        scopes: list[tuple[str, Any]] = [("", None)]
-        if ctx.ema_scope is not None:
-            scopes.append(("_ema", ctx.ema_scope))
-        for suffix, scope in scopes:
-            if scope is None:
+        for suffix, scope in ctx.weight_scopes():
+            with scope():
                 value, grid = self._psnr(ctx)
-            else:
-                with scope():
-                    value, grid = self._psnr(ctx)
             out[f"heldout_psnr{suffix}"], out[f"heldout_seam_ratio{suffix}"] = value
             if ctx.dist.is_main and grid is not None and self.eval_options.grid_images > 0:
                 save_grid(*grid, ctx.run_dir / "samples" / f"recon_step{ctx.step:07d}{suffix}.png")
