@@ -1,7 +1,13 @@
 """Tiny configurations shared by the tests (importable as `tests.helpers`)."""
 
+import json
+import os
+import signal
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,3 +36,41 @@ class Ctx:
     tok_dir: Path
     monkeypatch: pytest.MonkeyPatch
     capsys: pytest.CaptureFixture[str]
+
+
+# ------------------------------------------------------------------------------------------- two-process launches
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+               "TORCHELASTIC_RUN_ID", "GROUP_RANK", "ROLE_RANK")
+
+
+def launch_env(**extra: str) -> dict[str, str]:
+    """This interpreter's environment minus any launcher variables (a run in this process may have set some)."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env.update({"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **extra})
+    return env
+
+
+def torchrun_failure(out: str, err: str) -> str:
+    """The lines that explain a failed job (each rank's traceback), not pages of warnings."""
+    keep = [line for line in (out + err).splitlines()
+            if line.startswith("[rank") or "Error" in line or "error" in line or "Traceback" in line]
+    return "\n".join(keep[-80:]) + "\n--- stderr tail ---\n" + err[-3000:]
+
+
+def torchrun(script: Path, config: dict[str, Any], *extra: str, timeout: int = 150,
+             env: dict[str, str] | None = None) -> None:
+    """`script CONFIG_JSON [extra...]` on 2 local processes under torchrun; an AssertionError with each rank's
+    traceback when it fails or runs past `timeout`."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(script), json.dumps(config), *extra]
+    # Own process group, so a hung job is killed with its workers rather than leaving them behind.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env or launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"torchrun timed out after {timeout} s:\n{err[-6000:]}") from None
+    assert proc.returncode == 0, torchrun_failure(out, err)

@@ -5,10 +5,6 @@ dry run on the meta device."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -19,14 +15,11 @@ from safetensors.torch import load_file
 
 from mllm.model import UniFlowChat
 from mllm.tiny import build_llm_folder
+from tests.helpers import ROOT, launch_env, torchrun
 from train.config import build_config, load_config
 from train.dry_run import dry_run
 from train.engine import train
 from uniflow.errors import ConfigError
-
-ROOT = Path(__file__).resolve().parents[1]
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-               "TORCHELASTIC_RUN_ID", "GROUP_RANK", "ROLE_RANK")
 
 
 @pytest.fixture(scope="module")
@@ -186,22 +179,6 @@ DRIVER = textwrap.dedent('''
 ''')
 
 
-def _torchrun(script: Path, config: dict[str, Any], timeout: int = 240) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env.update({"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           json.dumps(config)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"torchrun timed out after {timeout} s:\n{err[-6000:]}") from None
-    assert proc.returncode == 0, (out + err)[-6000:]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("tuning", ["lora", "full"])
 def test_two_process_stage2_step(tmp_path: Path, shared_tokenizer: Any, llm_dir: Path, tuning: str) -> None:
@@ -218,7 +195,7 @@ def test_two_process_stage2_step(tmp_path: Path, shared_tokenizer: Any, llm_dir:
         run = tmp_path / stage
         config = run_config(run, shared_tokenizer[1], llm_dir, steps=2, model={"llm_tuning": tuning},
                             data={"task": "qa", "heldout_samples": 4}, deepspeed={"config": stage})
-        _torchrun(script, config)
+        torchrun(script, config, timeout=240, env=launch_env(OMP_NUM_THREADS="1"))
         ranks = [json.loads((run / f"rank{r}.json").read_text()) for r in range(2)]
         assert [r["world"] for r in ranks] == [2, 2]
         assert ranks[0]["losses"] == ranks[1]["losses"] and len(ranks[0]["losses"]) == 2

@@ -4,7 +4,6 @@ with no launcher that is SIGKILLed after a checkpoint and resumed to the same lo
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -19,11 +18,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from tests.helpers import ROOT, launch_env, torchrun
 from uniflow import UniFlowTokenizer
-
-ROOT = Path(__file__).resolve().parents[1]
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-               "TORCHELASTIC_RUN_ID", "GROUP_RANK", "ROLE_RANK")
 
 TINY = {
     "kind": "tokenizer", "steps": 4, "batch_size": 8, "seed": 3,
@@ -72,35 +68,6 @@ DRIVER = textwrap.dedent('''
 ''')
 
 
-def _env() -> dict[str, str]:
-    """This interpreter's environment minus any launcher variables (a run in this process may have set some)."""
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env.update({"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
-    return env
-
-
-def _torchrun(script: Path, config: dict[str, Any], *extra: str, timeout: int = 150) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script), json.dumps(config), *extra]
-    # Own process group, so a hung job is killed with its workers rather than leaving them behind.
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"torchrun timed out after {timeout} s:\n{err[-6000:]}") from None
-    assert proc.returncode == 0, _failure(out, err)
-
-
-def _failure(out: str, err: str) -> str:
-    """The lines that explain a failed job (each rank's traceback), not pages of warnings."""
-    keep = [line for line in (out + err).splitlines()
-            if line.startswith("[rank") or "Error" in line or "error" in line or "Traceback" in line]
-    return "\n".join(keep[-80:]) + "\n--- stderr tail ---\n" + err[-3000:]
-
-
 def _ranks(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads((run_dir / f"rank{r}.json").read_text()) for r in range(2)]
 
@@ -116,7 +83,7 @@ def test_two_processes_zero2_and_zero3_agree_and_zero3_partitions(tmp_path: Path
                                 # Small persistence threshold: the tiny model's matrices are partitioned, its biases
                                 # and norms stay whole (both code paths are exercised).
                                 "overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 100}}}}
-        _torchrun(script, config)
+        torchrun(script, config)
         runs[name] = _ranks(tmp_path / name)
 
     for name, (r0, r1) in runs.items():
@@ -150,7 +117,7 @@ def test_two_processes_zero2_and_zero3_agree_and_zero3_partitions(tmp_path: Path
     config = {**TINY, "run_dir": str(resumed_dir),
               "deepspeed": {"config": "zero3",
                             "overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 100}}}}
-    _torchrun(script, config, str(resumed_dir / "checkpoints" / "step_0000002"))
+    torchrun(script, config, str(resumed_dir / "checkpoints" / "step_0000002"))
     resumed = _ranks(resumed_dir)[0]
     assert set(resumed["losses"]) == {"3", "4"}
     for step in ("3", "4"):
@@ -178,7 +145,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> Non
               "deepspeed": {"config": "zero0"}, "data": {**TINY["data"], "num_samples": 40}}  # 40: epochs wrap
     config_file = tmp_path / "run.yaml"
     config_file.write_text(yaml.safe_dump(config))
-    env = _env()
+    env = launch_env()
     reference = subprocess.Popen(_train_cmd(config_file, f"run_dir={tmp_path / 'ref'}"), cwd=ROOT, env=env,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     run_dir = tmp_path / "killed"
@@ -219,7 +186,7 @@ def test_zero3_offload_single_process(tmp_path: Path) -> None:
     config_file.write_text(yaml.safe_dump({**TINY, "steps": 2, "checkpoint": {"every": 0}}))
     run_dir = tmp_path / "offload"
     proc = subprocess.run(_train_cmd(config_file, f"run_dir={run_dir}", "deepspeed.config=zero3_offload"), cwd=ROOT,
-                          env=_env(), capture_output=True, text=True, timeout=120)
+                          env=launch_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "ZeRO-3" in proc.stderr and sorted(_train_losses(run_dir)) == [1, 2]
     UniFlowTokenizer.from_pretrained(run_dir / "export")
@@ -228,6 +195,7 @@ def test_zero3_offload_single_process(tmp_path: Path) -> None:
 def test_cli_reports_config_errors_without_a_traceback(tmp_path: Path) -> None:
     config_file = tmp_path / "bad.yaml"
     config_file.write_text("kind: tokenizer\noptim: {lr: 1e-3, warmup: 5}\n")
-    proc = subprocess.run(_train_cmd(config_file), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(_train_cmd(config_file), cwd=ROOT, env=launch_env(), capture_output=True, text=True,
+                          timeout=60)
     assert proc.returncode == 2
     assert "bad.yaml" in proc.stderr and "'warmup'" in proc.stderr and "Traceback" not in proc.stderr
