@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
-from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if sys.path and sys.path[0] and Path(sys.path[0]).resolve() == ROOT / "bench":
     sys.path[0] = str(ROOT)  # run as a script: this file's name would otherwise shadow the `generator` package
 
-from bench.machine import describe, synchronize  # noqa: E402
+from bench.machine import describe, synchronize, write_report  # noqa: E402
 from bench.tokenizer import measure  # noqa: E402
 from generator.model import ARGenerator, count_parameters  # noqa: E402
 from generator.presets import LLAMAGEN_CODEBOOK, get_preset  # noqa: E402
@@ -210,15 +208,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     report["goals"] = {"cache_vs_recompute": met("cache_vs_recompute", CACHE_RATIO_GOAL),
                        "cache_vs_llama": met("cache_vs_llama", LLAMA_RATIO_GOAL)}
-    report["wall_s"] = round(time.perf_counter() - start, 1)
-    with suppress(OSError):
-        report["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    print()
-    print(markdown(report))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.out} ({report['wall_s']:.0f} s)")
-    return report
+    return write_report(report, args.out, start, markdown)
 
 
 if __name__ == "__main__":

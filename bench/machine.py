@@ -17,6 +17,7 @@ import statistics
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext, suppress
+from pathlib import Path
 
 import torch
 
@@ -153,6 +154,20 @@ def matmul_times(precision: str, size: int, repeats: int, device: str,
 def matmul_gflops(precision: str = "fp32", size: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
     """The median achieved GEMM rate in GFLOP/s: this machine's practical peak for dense layers."""
     return statistics.median(matmul_samples(precision, size, repeats, device))
+
+
+def write_report(report: dict, out: Path, start: float, markdown: Callable[[dict], str]) -> dict:
+    """Finish a benchmark: its wall time and the load at the end into `report`, the Markdown table printed, the JSON
+    written to `out` (folders created)."""
+    report["wall_s"] = round(time.perf_counter() - start, 1)
+    with suppress(OSError):
+        report["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    print()
+    print(markdown(report))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {out} ({report['wall_s']:.0f} s)")
+    return report
 
 
 def main() -> None:

@@ -23,13 +23,11 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import json
-import os
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,9 +36,9 @@ import torch
 from torch import nn
 
 try:
-    from bench.machine import autocast, describe, matmul_times, synchronize
+    from bench.machine import autocast, describe, matmul_times, synchronize, write_report
 except ImportError:  # run as a script: bench/ itself is on sys.path
-    from machine import autocast, describe, matmul_times, synchronize
+    from machine import autocast, describe, matmul_times, synchronize, write_report
 
 from uniflow.decoder import DecoderConfig, PixelFlowDecoder
 from uniflow.encoders import build_encoder
@@ -645,15 +643,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         gc.collect()
     if "flops" in args.parts:
         report["flops"] = run_flops(args)
-    report["wall_s"] = round(time.perf_counter() - start, 1)
-    with suppress(OSError):
-        report["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    print()
-    print(markdown(report))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {args.out} ({report['wall_s']:.0f} s)")
-    return report
+    return write_report(report, args.out, start, markdown)
 
 
 if __name__ == "__main__":
