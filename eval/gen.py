@@ -5,6 +5,9 @@ Reference statistics: with `ref_stats="auto"` the reference's precomputed `mu`/`
 used when present, as ADM does (they come from the TensorFlow graph; this project's features come from its
 TorchScript port, so the pairing adds a small offset); `"images"` recomputes them from the reference images with the
 same network as the samples. Precision and recall always use the reference images' features.
+
+`--generator DIR --per-class K` samples the batch first (`sample_with_generator`, through
+`generator.sample.write_npz`), then evaluates it the same way; the report records the generator's settings.
 """
 
 from __future__ import annotations
@@ -31,21 +34,105 @@ REF_STATS = ("auto", "images")
 MIN_SAMPLES = max(MIN_FID_SAMPLES, PR_K + 1)  # precision/recall need k + 1 points per set
 
 
-def sample_with_generator(generator_dir: str | Path, per_class: int, out: Path, cfg: float | None,
-                          seed: int, batch_size: int, device: str) -> Path:
-    """The one-shot path (`uniflow eval gen --generator DIR --per-class K`): sample K images of every class, write
-    them as an ADM sample batch to `out`, and return it; the caller then evaluates it like `--samples`.
+def tokenizer_folder(generator_dir: str | Path, tokenizer: str | Path | None, flag: str = "--tokenizer") -> Path:
+    """The tokenizer a generator decodes with: `tokenizer` when given, else `tokenizer/` beside the generator folder
+    (the bundle layout, as `uniflow generate` picks it)."""
+    if tokenizer is not None:
+        return Path(tokenizer)
+    beside = Path(generator_dir).parent / "tokenizer"
+    if (beside / "config.json").is_file():
+        return beside
+    raise ConfigError(f"{flag}: required (no tokenizer/ folder beside {generator_dir}); give the tokenizer the "
+                      f"generator was trained with")
 
-    Hook for the generator (issue 10), not wired yet (eval/ does not import generator/ until its API settles).
-    What it needs, and what the generator helper's work in progress offers: load the model and the tokenizer it
-    decodes with (`generator.ARGenerator.from_pretrained(DIR)` and the tokenizer its config names), then
-    `generator.sample.write_npz(model, tokenizer, out, classes=range(model.num_classes), per_class=K,
-    batch_size=..., seed=seed, cfg=cfg)`, which writes this ADM sample batch (`arr_0` uint8, `arr_1` labels)
-    resumably; return `out`, and add the generator's fingerprint, cfg, its schedule and the seed to the report's
-    settings (`extra_settings` of `evaluate_gen`).
-    """
-    raise ConfigError(f"--generator: one-shot sampling is not wired into `uniflow eval gen` yet ({generator_dir}); "
-                      f"write a sample batch with the generator and pass it with --samples FILE.npz")
+
+def check_generator(generator_dir: str | Path, per_class: int, cfg: float | None,
+                    tokenizer: str | Path | None = None) -> tuple[Any, dict[str, Any], Path]:
+    """Everything `sample_with_generator` needs, checked before anything loads: the generator's config, the
+    sampling options (its defaults filled in), enough samples for the metrics, the tokenizer folder."""
+    from generator.model import GeneratorConfig
+    from generator.sample import resolve_options
+    from uniflow import checkpoint
+    from uniflow.errors import CheckpointError
+
+    folder = Path(generator_dir)
+    try:
+        config = GeneratorConfig.from_dict(checkpoint.read_config(folder), str(folder / checkpoint.CONFIG_NAME))
+    except CheckpointError as exc:
+        raise CheckpointError(f"--generator: {exc}") from None
+    try:
+        opts = resolve_options(config, cfg=cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"--cfg: {str(exc).removeprefix('cfg: ')}") from None
+    total = config.num_classes * per_class
+    if total < MIN_SAMPLES:
+        raise ConfigError(f"--per-class: {per_class} x {config.num_classes} class(es) = {total} sample(s); the "
+                          f"metrics need at least {MIN_SAMPLES}")
+    tok_dir = tokenizer_folder(folder, tokenizer)
+    if not (tok_dir / "config.json").is_file():
+        raise ConfigError(f"--tokenizer: {tok_dir} is not a tokenizer folder (no config.json)")
+    return config, opts, tok_dir
+
+
+def sample_with_generator(generator_dir: str | Path, per_class: int, out_dir: Path, cfg: float | None,
+                          seed: int | None, batch_size: int, device: str, tokenizer: str | Path | None = None,
+                          progress: bool = True) -> tuple[Path, dict[str, Any]]:
+    """The one-shot path (`uniflow eval gen --generator DIR --per-class K`): sample K images of every class with
+    `generator.sample.write_npz` (the ADM sample batch, resumable after an interruption) into `out_dir`, and return
+    the file with the settings the report records (fingerprints, CFG, schedule, steps, temperature, seed).
+
+    The file is named after the generator's fingerprint, K, the CFG scale and the seed; when it exists already (an
+    earlier run with the same settings, which gives the same images: sample j uses seed + j) it is reused."""
+    import sys
+
+    from tqdm import tqdm
+
+    from generator.fingerprint import state_fingerprint, tokenizer_fingerprint
+    from generator.model import ARGenerator
+    from generator.sample import parts_dir, write_npz
+    from uniflow import UniFlowTokenizer
+    from uniflow.errors import CheckpointError
+
+    folder = Path(generator_dir)
+    seed = 0 if seed is None else seed
+    config, opts, tok_dir = check_generator(folder, per_class, cfg, tokenizer)
+    total = config.num_classes * per_class
+    model = ARGenerator.from_pretrained(folder, device=device)
+    try:
+        tok = UniFlowTokenizer.from_pretrained(tok_dir, device=device)
+    except (CheckpointError, ConfigError) as exc:
+        raise type(exc)(f"--tokenizer: {exc}") from None
+    model.check_tokenizer(tok, f"--tokenizer {tok_dir}")
+    fingerprint = state_fingerprint(config.to_dict(), model.state_dict())
+    out = Path(out_dir) / f"samples-{fingerprint[:12]}-k{per_class}-cfg{opts['cfg']:g}-seed{seed}.npz"
+    reused = out.is_file()
+    if reused:
+        print(f"reusing {out} (same generator, --per-class, --cfg and --seed; delete it to sample again)",
+              file=sys.stderr)
+    else:
+        with tqdm(total=total, desc="generate", unit="img", file=sys.stderr, disable=not progress) as bar:
+            try:
+                write_npz(model, tok, out, range(config.num_classes), per_class, batch_size=batch_size, seed=seed,
+                          progress=bar.update, **opts)
+            except KeyboardInterrupt:
+                print(f"interrupted: the finished batches are kept in {parts_dir(out)}; run the same command "
+                      f"again to resume", file=sys.stderr)
+                raise
+    settings = {"generator": {"path": str(folder.resolve()), "fingerprint": fingerprint,
+                              "tokenizer": str(tok_dir.resolve()), "tokenizer_fingerprint": tokenizer_fingerprint(tok)},
+                **opts, "seed": seed, "seeds": f"sample j uses seed {seed} + j", "per_class": per_class,
+                "classes": config.num_classes, "samples_reused": reused}
+    return out, settings
+
+
+def check_reference(ref: Path) -> None:
+    """The reference file alone (images or statistics), before a generator samples anything."""
+    ref_keys = set(npz_keys(ref, "--ref"))
+    if IMAGES_KEY in ref_keys or not any(m in ref_keys and s in ref_keys for m, s in STATS_KEYS.values()):
+        info = check_images(ref, "--ref")
+        if info.count < MIN_SAMPLES:
+            raise ImageInputError(f"--ref: {ref} holds {info.count} image(s); at least {MIN_SAMPLES} are needed "
+                                  f"(precision/recall with k = {PR_K})")
 
 
 def check_inputs(samples: Path, ref: Path) -> dict[str, Any]:

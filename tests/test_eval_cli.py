@@ -161,7 +161,7 @@ def test_gen_option_combinations(batches: dict[str, Path], tmp_path: Path,
             *out], capsys, "exactly one of --samples")
     _fails(["eval", "gen", "--generator", "gen_dir", "--ref", str(batches["ref"]), *out], capsys, "--per-class")
     _fails(["eval", "gen", "--generator", "gen_dir", "--per-class", "2", "--ref", str(batches["ref"]), *out],
-           capsys, "--generator", "not wired", "--samples FILE.npz")
+           capsys, "--generator", "gen_dir")  # checked before the network loads or anything is sampled
     _fails(["eval", "gen", "--samples", str(batches["samples"]), "--ref", str(batches["ref"]), "--cfg", "nan",
             *out], capsys, "--cfg", "finite")
     _fails(["eval", "gen", "--samples", str(batches["samples"]), "--ref", str(batches["ref"]), "--out",
