@@ -45,7 +45,8 @@ class Prepared:
 
 def collate(items: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad token ids (pad_id) and labels (IGNORE_INDEX) to the longest sample, with an attention mask; images
-    of every sample concatenated in order (`num_images` per sample)."""
+    of every sample concatenated in order (`num_images` per sample), [0, 1] RGB (`UniFlowChat.forward` applies the
+    encoder's normalisation)."""
     longest = max(len(x["input_ids"]) for x in items)
     ids = torch.full((len(items), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long)

@@ -212,8 +212,9 @@ class UniFlowChat(nn.Module):
         ids = batch["input_ids"].to(device)
         mask = batch["attention_mask"].to(device)
         labels = batch["labels"].to(device)
-        pixels = batch.get("pixel_values")
-        pixels = pixels.to(device) if pixels is not None and pixels.shape[0] else None
+        pixels = batch.get("pixel_values")  # [0, 1] RGB from the datasets; the encoder's own normalisation here,
+        # the same that prepare_images applies at inference
+        pixels = self.encoder.normalize(pixels.to(device)) if pixels is not None and pixels.shape[0] else None
         causal = self.causal_lm
         with self._autocast():
             embeds = self.embed(ids, pixels)

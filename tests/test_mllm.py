@@ -125,6 +125,26 @@ def test_placeholders_expand_to_the_visual_tokens(shared_tokenizer: Any, llm_dir
     assert visual.shape == (2, per_image, model.causal_lm.config.hidden_size)
 
 
+def test_training_sees_the_images_as_inference_does(shared_tokenizer: Any, llm_dirs: dict[str, Path]) -> None:
+    """The datasets hand [0, 1] pixels to the training loss; chat() normalises through prepare_images. The loss of
+    a training batch must equal the same conversation's loss computed on the inference path's image embeddings
+    (a mismatch here once trained the ShapeWorld MLLM on unnormalised images)."""
+    from mllm.data import Prepared, collate
+    from uniflow.images import preprocess
+
+    model = make_model(shared_tokenizer[1], llm_dirs["llama3"], "pixel_shuffle")
+    pics = images(2)
+    prepared = Prepared(model.format, model.tokens_per_image, model.image_size, max_length=256)
+    sample = prepared.sample([preprocess(p, model.image_size) for p in pics], CONVERSATION, "test")
+    batch = collate([sample], model.format.pad_id)
+    with torch.no_grad():
+        loss = model(batch)["loss"]
+        embeds = model.embed(batch["input_ids"], model.prepare_images(pics))
+        logits = model.causal_lm(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
+    want = torch.nn.functional.cross_entropy(logits[0, :-1], batch["labels"][0, 1:], ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("template", ["qwen2", "llama3"])
 def test_batched_greedy_equals_one_by_one(shared_tokenizer: Any, llm_dirs: dict[str, Path], template: str) -> None:
     model = make_model(shared_tokenizer[1], llm_dirs[template], "pixel_shuffle")
