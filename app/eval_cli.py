@@ -111,7 +111,14 @@ def _cmd_recon(args: argparse.Namespace) -> int:
 
 
 def _cmd_gen(args: argparse.Namespace) -> int:
-    from eval.gen import check_inputs, evaluate_gen, sample_with_generator, summary_table
+    from eval.gen import (
+        check_generator,
+        check_inputs,
+        check_reference,
+        evaluate_gen,
+        sample_with_generator,
+        summary_table,
+    )
     from uniflow.checkpoint import check_output_dir
     from uniflow.errors import ConfigError
 
@@ -121,16 +128,24 @@ def _cmd_gen(args: argparse.Namespace) -> int:
         raise ConfigError("--generator needs --per-class K (images sampled per class)")
     if args.samples is not None and args.per_class is not None:
         raise ConfigError("--per-class goes with --generator; --samples already holds the images")
+    if args.samples is not None and args.tokenizer is not None:
+        raise ConfigError("--tokenizer goes with --generator (the tokenizer its samples are decoded with)")
     out = check_output_dir(args.out, "--out")
     device = _device(args.device)
+    extra = {"cfg": args.cfg, "seed": args.seed, "generator": args.generator, "per_class": args.per_class}
     if args.samples is None:
-        samples = sample_with_generator(args.generator, args.per_class, out / "samples.npz", args.cfg, args.seed,
-                                        args.batch_size, str(device))
+        check_generator(args.generator, args.per_class, args.cfg, args.tokenizer)  # all before any sampling
+        check_reference(Path(args.ref))
+        network = _network(args, device)
+        samples, sampled = sample_with_generator(args.generator, args.per_class, out, args.cfg, args.seed,
+                                                 args.batch_size, str(device), tokenizer=args.tokenizer,
+                                                 progress=not args.no_progress)
+        extra.update(sampled)
     else:
         samples = Path(args.samples)
     check_inputs(samples, Path(args.ref))  # every file problem before the network loads
-    network = _network(args, device)
-    extra = {"cfg": args.cfg, "seed": args.seed, "generator": args.generator, "per_class": args.per_class}
+    if args.samples is not None:
+        network = _network(args, device)
     report = evaluate_gen(samples, args.ref, network, ref_stats=args.ref_stats, batch_size=args.batch_size,
                           cache=_cache(args), progress=not args.no_progress, device=str(device),
                           extra_settings=extra)
@@ -145,6 +160,39 @@ def _cmd_report(args: argparse.Namespace) -> int:
     print(table)
     for path in written:
         print(f"written: {path}")
+    return 0
+
+
+def _cmd_vqa(args: argparse.Namespace) -> int:
+    """`uniflow eval vqa`: one benchmark's lmms-eval task on an MLLM folder (eval/vqa.py)."""
+    from eval.vqa import (
+        SHAPEWORLD_DEFAULT_IMAGES,
+        SHAPEWORLD_TASK,
+        check_data_folder,
+        check_judge,
+        evaluate_vqa,
+        resolve_bench,
+        summary_table,
+    )
+    from uniflow.checkpoint import CONFIG_NAME, check_output_dir
+    from uniflow.errors import CheckpointError, ConfigError
+
+    task, benchmark = resolve_bench(args.bench)
+    folder = Path(args.mllm)
+    if not (folder / CONFIG_NAME).is_file():
+        raise CheckpointError(f"--mllm: {folder} is not an MLLM folder (no {CONFIG_NAME})")
+    if args.data is not None:
+        check_data_folder(args.data)
+    if (args.num_images is not None or args.data_seed is not None) and (task != SHAPEWORLD_TASK or args.data):
+        raise ConfigError("--num-images and --data-seed choose the ShapeWorld questions written for --bench "
+                          "shapeworld without --data")
+    check_judge(args.bench, benchmark)
+    check_output_dir(args.out, "--out")
+    device = _device(args.device)
+    report = evaluate_vqa(args.mllm, args.bench, data=args.data, limit=args.limit, batch_size=args.batch_size,
+                          device=str(device), num_images=args.num_images or SHAPEWORLD_DEFAULT_IMAGES,
+                          seed=args.data_seed or 0, progress=not args.no_progress)
+    _finish(report, args, summary_table(report))
     return 0
 
 
@@ -168,7 +216,8 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
 
     out = str(default_out())
     ev = subparsers.add_parser("eval", help="measure reconstruction and generation quality (rFID, PSNR, SSIM, FID, "
-                               "sFID, IS, precision/recall)", description=EVAL_DESCRIPTION)
+                               "sFID, IS, precision/recall) and understanding (VQA benchmarks through lmms-eval)",
+                               description=EVAL_DESCRIPTION)
     sub = ev.add_subparsers(dest="eval_command", required=True)
 
     rec = sub.add_parser("recon", help="reconstruct images; rFID, PSNR, SSIM (LPIPS if its weights are on disk) "
@@ -199,15 +248,20 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
                              "(such as VIRTUAL_imagenet256_labeled.npz; its precomputed mu/sigma and mu_s/sigma_s "
                              "are used when present unless --ref-stats images). IS needs an Inception file with "
                              "logits; the packaged FID file has none, and IS is then reported as unavailable. "
-                             "--generator DIR --per-class K samples first (not wired yet)."))
+                             "--generator DIR --per-class K samples K images of every class first (with the "
+                             "generator's CFG unless --cfg, seed --seed + j for sample j, the ADM npz written "
+                             "into --out and reused by a rerun with the same settings)."))
     gen.add_argument("--samples", default=None, metavar="FILE.npz", help="sample batch in the ADM format")
     gen.add_argument("--ref", required=True, metavar="REF.npz", help="reference batch in the ADM format")
     gen.add_argument("--ref-stats", choices=["auto", "images"], default="auto",
                      help="auto: the reference's precomputed statistics when present; images: recompute them")
     gen.add_argument("--generator", default=None, metavar="DIR", help="sample with this generator first")
     gen.add_argument("--per-class", type=int_range(1), default=None, metavar="K", help="with --generator")
+    gen.add_argument("--tokenizer", default=None, metavar="DIR",
+                     help="with --generator: its tokenizer (default: tokenizer/ beside the generator folder)")
     gen.add_argument("--cfg", type=finite_float, default=None, metavar="W",
-                     help="CFG scale the samples were drawn with (recorded; plots of quality vs CFG use it)")
+                     help="CFG scale the samples were drawn with (recorded; plots of quality vs CFG use it); "
+                          "with --generator, the scale to sample with (default: the generator's)")
     gen.add_argument("--seed", type=int_range(0, 2**63), default=None, metavar="S",
                      help="sampling seed (recorded; used with --generator)")
     _common(gen, out)
@@ -220,5 +274,38 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     rep.add_argument("--out", default=out, metavar="DIR", help=f"report folder (default {out})")
     rep.add_argument("--no-plots", action="store_true", help="tables only")
     rep.set_defaults(func=_cmd_report)
+    _add_vqa(sub, out)
     return ev
+
+
+def _add_vqa(sub: Any, out: str) -> None:
+    import textwrap
+
+    from eval.vqa import SHAPEWORLD_DEFAULT_IMAGES, benchmarks_help
+
+    vqa = sub.add_parser("vqa", help="understanding benchmarks through lmms-eval (ShapeWorld VQA offline, POPE, GQA, "
+                         "TextVQA, MME, MMBench, ...)", formatter_class=argparse.RawDescriptionHelpFormatter,
+                         description=textwrap.fill(
+                             "Run a benchmark's lmms-eval task on an MLLM folder, scored by the task's own (official) "
+                             "scorer: the MLLM answers as the lmms-eval model `uniflow` (batched, greedy, its chat "
+                             "template). shapeworld runs offline on held-out ShapeWorld questions written on first "
+                             "use; hub benchmarks are downloaded by `datasets` unless --data DIR gives a local copy "
+                             "saved with `datasets` (save_to_disk), read offline with the same scoring. Judge "
+                             "benchmarks call a GPT model and need its API key. See docs/evaluation.md.", 100)
+                         + "\n\n" + benchmarks_help())
+    vqa.add_argument("--mllm", required=True, metavar="DIR", help="MLLM folder (e.g. checkpoints/shapeworld/mllm)")
+    vqa.add_argument("--bench", required=True, metavar="NAME", help="a benchmark listed above, or task:NAME")
+    vqa.add_argument("--data", default=None, metavar="DIR", help="a local copy of the benchmark's dataset, saved "
+                     "with datasets' save_to_disk (dataset_dict.json + one folder per split)")
+    vqa.add_argument("--limit", type=int_range(1), default=None, metavar="N", help="only the first N questions")
+    vqa.add_argument("--batch-size", type=int_range(1, 1025), default=8, metavar="B",
+                     help="questions answered together (8)")
+    vqa.add_argument("--num-images", type=int_range(1), default=None, metavar="N",
+                     help=f"shapeworld: held-out images, 5 questions each (default {SHAPEWORLD_DEFAULT_IMAGES})")
+    vqa.add_argument("--data-seed", type=int_range(0, 2**63), default=None, metavar="S", help="shapeworld: seed (0)")
+    vqa.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N")
+    vqa.add_argument("--out", default=out, metavar="DIR",
+                     help=f"report folder: JSON per run, a row appended to vqa.md (default {out})")
+    vqa.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    vqa.set_defaults(func=_cmd_vqa)
 

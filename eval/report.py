@@ -1,8 +1,8 @@
 """Evaluation reports: every `uniflow eval` run writes one JSON file holding its exact settings (files and their
 hashes, the Inception file's hash, sizes, crops, counts, steps, CFG, seeds, library versions, machine) and appends
-its rows to a Markdown table in the same folder (`recon.md`, `gen.md`). `uniflow eval report` re-renders both tables
-from the JSON files and draws PNG plots: reconstruction quality against decoder steps, generation quality against
-the CFG scale. The plots are drawn with Pillow, so no plotting library is needed.
+its rows to a Markdown table in the same folder (`recon.md`, `gen.md`, `vqa.md`). `uniflow eval report` re-renders
+the tables from the JSON files and draws PNG plots: reconstruction quality against decoder steps, generation quality
+against the CFG scale. The plots are drawn with Pillow, so no plotting library is needed.
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ from typing import Any
 from uniflow.errors import ConfigError
 from uniflow.fileio import atomic_write_file, atomic_write_text
 
-KINDS = ("recon", "gen")
+KINDS = ("recon", "gen", "vqa")
 COLUMNS = {
     "recon": ["date", "tokenizer", "data", "images", "size", "steps", "sampler", "seed", "rFID", "PSNR (dB)",
               "SSIM", "LPIPS", "s/img", "inception", "report"],
     "gen": ["date", "samples", "ref", "samples n", "ref n", "CFG", "seed", "FID", "sFID", "IS", "precision",
             "recall", "ref stats", "inception", "report"],
+    "vqa": ["date", "mllm", "bench", "task", "data", "questions", "score", "per type", "batch", "s/question",
+            "lmms-eval", "report"],
 }
 
 
@@ -88,11 +90,27 @@ def rows_of(report: dict[str, Any], json_name: str) -> list[list[str]]:
                  s["sampler"], str(s["seed"]), _fmt(r["rfid"], 3), _fmt(r["psnr_db"], 2), _fmt(r["ssim"], 4),
                  _fmt(r["lpips"], 4), _fmt(r["seconds_per_image"], 4), net_id, json_name]
                 for r in report["results"]]
+    if kind == "vqa":
+        return [_vqa_row(report, date, json_name)]
     r = report["results"]
     return [[date, _short(s["samples"]["path"]), _short(s["ref"]["path"]), str(s["samples"]["images"]),
              str(s["ref"]["images"]), _fmt(s.get("cfg"), 2), _fmt(s.get("seed"), 0), _fmt(r["fid"], 3),
              _fmt(r["sfid"], 3), _fmt(r["inception_score"], 2), _fmt(r["precision"], 4), _fmt(r["recall"], 4),
              s["ref_stats"], net_id, json_name]]
+
+
+def _vqa_row(report: dict[str, Any], date: str, json_name: str) -> list[str]:
+    """One `uniflow eval vqa` run (eval/vqa.py): the task's first metric as the score, ShapeWorld's per-type exact
+    match."""
+    s, r = report["settings"], report["results"]
+    metrics = r.get("metrics") or {}
+    first = next(iter(metrics.items()), None)
+    score = f"{first[0]} {_fmt(first[1], 4)}" if first else "-"
+    per_type = ", ".join(f"{t} {_fmt(row.get('exact'), 3)}" for t, row in (r.get("per_type") or {}).items()) or "-"
+    data = s.get("data") or {}
+    return [date, _short(s["mllm"]["path"]), s["bench"], s["task"], _short(data.get("path")) if data.get("path")
+            else str(data.get("source", "-")), str(r.get("questions")), score, per_type, str(s.get("batch_size")),
+            _fmt(r.get("seconds_per_question"), 4), str(s.get("lmms_eval")), json_name]
 
 
 def _table_line(cells: list[str]) -> str:
@@ -288,8 +306,8 @@ def render(out_dir: str | Path, plots: bool = True) -> tuple[str, list[Path]]:
     out = Path(out_dir)
     reports = load_reports(out)
     if not reports:
-        raise ConfigError(f"--out: no evaluation reports (recon-*.json, gen-*.json) in {out}; run `uniflow eval recon` "
-                          f"or `uniflow eval gen` with --out {out} first")
+        raise ConfigError(f"--out: no evaluation reports (recon-*.json, gen-*.json, vqa-*.json) in {out}; run "
+                          f"`uniflow eval recon`, `eval gen` or `eval vqa` with --out {out} first")
     table = render_tables(reports)
     atomic_write_text(out / "report.md", "# uniflow eval report\n\n" + table)
     written = plot_reports(reports, out) if plots else []

@@ -74,3 +74,41 @@ def torchrun(script: Path, config: dict[str, Any], *extra: str, timeout: int = 1
         out, err = proc.communicate()
         raise AssertionError(f"torchrun timed out after {timeout} s:\n{err[-6000:]}") from None
     assert proc.returncode == 0, torchrun_failure(out, err)
+
+
+# ------------------------------------------------------------------------------------------- a tiny model bundle
+def build_tiny_bundle(root: Path, parts: tuple[str, ...] = ("generator", "mllm")) -> Path:
+    """A bundle folder laid out like checkpoints/shapeworld, with tiny random models (a few seconds on a CPU):
+    tokenizer/ (32 px, patch 8, 16 latent channels, latent statistics), generator/ (5 classes named a-e, a 4x4 grid,
+    every weight random, recorded as trained on that tokenizer) and mllm/ (a tiny Llama-3-template LLM and a
+    pixel-shuffle projector over that tokenizer's encoder). `parts`: which of generator/ and mllm/ to write beside
+    the tokenizer (which the other two refer to)."""
+    from tests.test_generator import randomized, tiny_config, tokenizer_with_stats
+
+    root = Path(root)
+    tok_dir = root / "tokenizer"
+    tokenizer_with_stats(0).save_pretrained(tok_dir)
+    if "generator" in parts:
+        model = randomized(tiny_config(grid=(4, 4)))
+        model.attach_tokenizer(UniFlowTokenizer.from_pretrained(tok_dir))
+        model.config.flow.sample_steps = 2
+        model.save_pretrained(root / "generator")
+    if "mllm" in parts:
+        save_tiny_mllm(root, tok_dir)
+    return root
+
+
+def save_tiny_mllm(root: Path, tokenizer_dir: Path) -> Path:
+    """root/mllm: a tiny random Llama-3-template LLM (in root/llm) behind a pixel-shuffle projector over the encoder
+    of `tokenizer_dir`; the same weights every time."""
+    import torch
+
+    from mllm.config import LLMConfig, MLLMConfig, ProjectorConfig, VisionConfig
+    from mllm.model import UniFlowChat
+    from mllm.tiny import build_llm_folder
+
+    llm = build_llm_folder(Path(root) / "llm", "llama", "llama3", seed=4)
+    config = MLLMConfig(vision=VisionConfig(tokenizer=str(tokenizer_dir)),
+                        projector=ProjectorConfig(type="pixel_shuffle"), llm=LLMConfig(path=str(llm)))
+    torch.manual_seed(0)
+    return UniFlowChat.from_config(config).save_pretrained(Path(root) / "mllm")

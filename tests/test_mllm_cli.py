@@ -10,23 +10,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from app.cli import main
-from mllm.config import LLMConfig, MLLMConfig, ProjectorConfig, VisionConfig
 from mllm.model import UniFlowChat
-from mllm.tiny import build_llm_folder
+from tests.helpers import save_tiny_mllm
 from uniflow.data import render_sample
 
 
 @pytest.fixture(scope="module")
 def mllm_dir(tmp_path_factory: pytest.TempPathFactory, shared_tokenizer: Any) -> Path:
-    root = tmp_path_factory.mktemp("chat")
-    llm = build_llm_folder(root / "llm", "llama", "llama3", seed=4)
-    config = MLLMConfig(vision=VisionConfig(tokenizer=str(shared_tokenizer[1])),
-                        projector=ProjectorConfig(type="pixel_shuffle"), llm=LLMConfig(path=str(llm)))
-    torch.manual_seed(0)
-    return UniFlowChat.from_config(config).save_pretrained(root / "mllm")
+    return save_tiny_mllm(tmp_path_factory.mktemp("chat"), shared_tokenizer[1])
 
 
 @pytest.fixture(scope="module")
