@@ -44,6 +44,13 @@ checkpoints: env
 		export.dir=$(BUNDLE)/tokenizer
 	$(PY) -m app.cli latent-stats --tokenizer $(BUNDLE)/tokenizer --data shapeworld --overwrite
 	$(PY) -m eval.shapeworld_tokenizer --bundle $(BUNDLE) --out $(BUNDLE)/eval.json
+	$(PY) -m app.cli train generator --config train/configs/generator_tiny.yaml model.tokenizer=$(BUNDLE)/tokenizer \
+		export.dtype=float16 export.dir=$(BUNDLE)/generator
+	$(PY) -m eval.shapeworld_generator --generator $(BUNDLE)/generator --teacher $(BUNDLE)/encoder \
+		--grid docs/figures/generator.png --out $(BUNDLE)/generator_eval.json --overwrite
+	$(PY) -m app.cli train mllm --config train/configs/mllm_tiny_stage1.yaml
+	$(PY) -m app.cli train mllm --config train/configs/mllm_tiny_stage2.yaml export.dir=$(BUNDLE)/mllm
+	$(PY) -m eval.shapeworld_vqa --mllm $(BUNDLE)/mllm --out $(BUNDLE)/mllm_eval.json
 
 # The paper's two ablations at ShapeWorld scale, at the 400-step search budget (docs/results.md): the recipe of
 # tokenizer_tiny.yaml as the baseline, uniform instead of adaptive layer weights, and no global blocks; plus the
@@ -62,6 +69,10 @@ ablations: $(addprefix runs/arm_,$(addsuffix /eval.json,$(ARMS)))
 runs/arm_%/eval.json: | env
 	$(TRAIN_TOKENIZER) run_dir=runs/arm_$* export.dir=runs/arm_$*/export $(ARM_$*)
 	$(EVAL_TOKENIZER) --tokenizer runs/arm_$*/export --grid runs/arm_$*/grid.png --out $@
+
+# The main job: the demo on the bundled ShapeWorld models (chat, generate, reconstruct) at http://127.0.0.1:7860.
+demo: env
+	HF_HUB_OFFLINE=1 DS_ACCELERATOR=cpu $(PY) -m app.cli demo $(DEMO_ARGS)
 
 # Reconstruct held-out ShapeWorld images with the bundled tokenizer and print PSNR/SSIM per image.
 example: env

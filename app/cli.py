@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     from app.generate_cli import add_cli as add_generate_cli
 
     add_generate_cli(sub)
+    from app.demo import add_cli as add_demo_cli
+
+    add_demo_cli(sub)
 
     data = sub.add_parser("data", help="datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
