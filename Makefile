@@ -51,6 +51,7 @@ checkpoints: env
 	$(PY) -m app.cli train mllm --config train/configs/mllm_tiny_stage1.yaml
 	$(PY) -m app.cli train mllm --config train/configs/mllm_tiny_stage2.yaml export.dir=$(BUNDLE)/mllm
 	$(PY) -m eval.shapeworld_vqa --mllm $(BUNDLE)/mllm --out $(BUNDLE)/mllm_eval.json
+	$(PY) tools/bundle_manifest.py --bundle $(BUNDLE)
 
 # The paper's two ablations at ShapeWorld scale, at the 400-step search budget (docs/results.md): the recipe of
 # tokenizer_tiny.yaml as the baseline, uniform instead of adaptive layer weights, and no global blocks; plus the

@@ -1,0 +1,43 @@
+"""The shipped bundle (checkpoints/shapeworld): its manifest matches its files, and it stays small."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+from tests.helpers import ROOT
+
+spec = importlib.util.spec_from_file_location("bundle_manifest", ROOT / "tools" / "bundle_manifest.py")
+bundle_manifest = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bundle_manifest)
+
+MAX_BUNDLE_BYTES = 30_000_000  # issue 13: the whole bundle in the repository
+
+
+def test_the_committed_manifest_matches_the_bundle() -> None:
+    assert bundle_manifest.check() == []
+    manifest = json.loads((bundle_manifest.BUNDLE / bundle_manifest.MANIFEST).read_text())
+    for part in bundle_manifest.PARTS:
+        assert manifest["parts"][part]["files"], f"{part}: no files in the bundle"
+        assert manifest["parts"][part]["built_by"], f"{part}: no command in the Makefile's checkpoints recipe"
+    on_disk = sum(p.stat().st_size for p in bundle_manifest.BUNDLE.rglob("*") if p.is_file())
+    assert on_disk <= MAX_BUNDLE_BYTES, f"bundle is {on_disk / 1e6:.1f} MB"
+
+
+def test_the_check_names_a_changed_missing_or_extra_file(tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    for part in bundle_manifest.PARTS:
+        (bundle / part).mkdir(parents=True)
+        (bundle / part / "weights.bin").write_bytes(part.encode())
+    assert bundle_manifest.main(["--bundle", str(bundle)]) == 0
+    assert bundle_manifest.check(bundle) == []
+    (bundle / "tokenizer" / "weights.bin").write_bytes(b"retrained")
+    (bundle / "generator" / "weights.bin").unlink()
+    shutil.copy(bundle / "mllm" / "weights.bin", bundle / "mllm" / "extra.bin")
+    problems = bundle_manifest.check(bundle)
+    assert any(p.startswith("tokenizer/weights.bin: sha256") for p in problems), problems
+    assert any(p.startswith("generator/weights.bin: in MANIFEST.json but not") for p in problems), problems
+    assert any(p.startswith("mllm/extra.bin: in the bundle but not") for p in problems), problems
+    assert bundle_manifest.main(["--bundle", str(bundle), "--check"]) == 1
