@@ -112,3 +112,15 @@ def save_tiny_mllm(root: Path, tokenizer_dir: Path) -> Path:
                         projector=ProjectorConfig(type="pixel_shuffle"), llm=LLMConfig(path=str(llm)))
     torch.manual_seed(0)
     return UniFlowChat.from_config(config).save_pretrained(Path(root) / "mllm")
+
+
+def one_error_line(capsys: Any, code: int, pattern: str) -> None:
+    """A command failed the way every user error must: exit code 2, one `error: ...` line matching `pattern`, no
+    traceback."""
+    import re
+
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    assert re.search(pattern, lines[0]), lines[0]

@@ -6,7 +6,6 @@ line, exit code 2, before any model loads)."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import torch
 from app.cli import main
 from mllm.data import exact_match, shapeworld_questions
 from mllm.model import UniFlowChat
-from tests.helpers import save_tiny_mllm
+from tests.helpers import one_error_line, save_tiny_mllm
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +40,6 @@ def _report(out: Path) -> dict[str, Any]:
     files = sorted(out.glob("vqa-*.json"))
     assert len(files) == 1, files
     return json.loads(files[0].read_text())
-
-
-def one_error_line(capsys: pytest.CaptureFixture[str], code: int, pattern: str) -> None:
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    assert re.search(pattern, lines[0]), lines[0]
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ import pytest
 
 from app.cli import main
 from mllm.model import UniFlowChat
-from tests.helpers import save_tiny_mllm
+from tests.helpers import one_error_line, save_tiny_mllm
 from uniflow.data import render_sample
 
 
@@ -27,14 +27,6 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("img") / "shape.png"
     render_sample(0, "heldout", 0).image.save(path)
     return path
-
-
-def one_error_line(capsys: pytest.CaptureFixture[str], code: int, pattern: str) -> None:
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    assert re.search(pattern, lines[0]), lines[0]
 
 
 def test_chat_prompt_streams_one_answer(mllm_dir: Path, image: Path, capsys: pytest.CaptureFixture[str]) -> None:
