@@ -38,10 +38,13 @@ class VisionConfig:
 class ProjectorConfig:
     """type: "mlp" (LLaVA-1.5: Linear, GELU, Linear; one LLM position per encoder token) or "pixel_shuffle"
     (InternVL: each 2x2 block of tokens concatenated, LayerNorm, then the MLP: 4x fewer positions).
-    hidden: the MLP's hidden width (null: the LLM's width)."""
+    hidden: the MLP's hidden width (null: the LLM's width).
+    position_embedding: add a learned vector per visual position to the output (the 2-D place of each token; see
+    `mllm.projector`)."""
 
     type: str = "mlp"
     hidden: int | None = None
+    position_embedding: bool = False
 
     def __post_init__(self) -> None:
         check_choice("type", self.type, PROJECTORS)

@@ -161,6 +161,27 @@ class ShapeWorldChat(Dataset):
         return self.prepared.sample([image], messages, f"ShapeWorld {self.split} {index}")
 
 
+class MixedConversations(Dataset):
+    """`main` with a share `ratio` of its items replaced by text-only conversations drawn from `text` (LLaVA's
+    recipe mixes language-only instructions into stage 2 so that tuning on short visual answers does not wear away
+    the LLM's general answers). Which items are replaced, and by what, is fixed by (seed, index)."""
+
+    def __init__(self, main: Dataset, text: Dataset, ratio: float, seed: int = 0) -> None:
+        check_number("text_ratio", ratio, 0.0, 1.0)
+        if len(text) == 0:
+            raise ConfigError("text_path: the text-only conversation file holds no records")
+        self.main, self.text, self.ratio, self.seed = main, text, ratio, seed
+
+    def __len__(self) -> int:
+        return len(self.main)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        rng = np.random.default_rng([self.seed, 11, int(index)])
+        if rng.random() < self.ratio:
+            return self.text[int(rng.integers(len(self.text)))]
+        return self.main[index]
+
+
 def shapeworld_questions(split: str, num_images: int, seed: int = 0, start: int = 0) -> list[dict[str, Any]]:
     """Single-turn held-out questions: for each image, each of its questions as {"index", "type", "question",
     "answer", "image" (PIL)}; what the exact-match evaluation asks."""

@@ -91,9 +91,9 @@ class UniFlowChat(nn.Module):
         self.llm = llm
         self.tokenizer = tokenizer
         self.format = ChatFormat(tokenizer, config.system_prompt, name=f"the tokenizer of {config.llm.path}")
-        self.projector = Projector(config.projector, encoder.width, llm_width(llm.config))
         native = encoder.image_size // encoder.patch_size
         self.grid = (native, native)
+        self.projector = Projector(config.projector, encoder.width, llm_width(llm.config), self.grid)
         self.image_size = encoder.image_size
         self.tokens_per_image = self.projector.num_tokens(self.grid)
         self.context = context_length(llm.config)

@@ -4,6 +4,10 @@
 - "pixel_shuffle": InternVL's pixel shuffle with scale 0.5: every 2x2 block of neighbouring tokens is concatenated
   into one 4D-wide token (T = N / 4), then LayerNorm and the same MLP. Fewer visual positions is what makes the LLM
   cheaper per image (64 -> 16 positions for a 64-px ShapeWorld image with patch 8).
+
+With `position_embedding`, a learned vector per visual position (zero at the start) is added to the projector's
+output. The LLM sees the visual tokens as a 1-D run and a ViT's final-layer tokens keep little of their absolute place,
+so without it "where is the red circle?" has to be inferred from the run's order alone.
 """
 
 from __future__ import annotations
@@ -29,10 +33,18 @@ def pixel_shuffle(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return x.reshape(b, (rows // 2) * (cols // 2), 4 * d)
 
 
-class Projector(nn.Module):
-    """Encoder tokens -> LLM embeddings, by config type (see the module docstring)."""
+def num_visual_tokens(projector_type: str, grid: tuple[int, int]) -> int:
+    """LLM positions one image of this encoder grid takes with this projector type."""
+    rows, cols = grid
+    return rows * cols // 4 if projector_type == "pixel_shuffle" else rows * cols
 
-    def __init__(self, config: ProjectorConfig, vision_width: int, llm_width: int) -> None:
+
+class Projector(nn.Module):
+    """Encoder tokens -> LLM embeddings, by config type (see the module docstring). `grid`: the encoder's token grid,
+    needed for the position embedding (one vector per visual position)."""
+
+    def __init__(self, config: ProjectorConfig, vision_width: int, llm_width: int,
+                 grid: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.type = config.type
         self.vision_width = vision_width
@@ -43,13 +55,22 @@ class Projector(nn.Module):
         self.fc1 = nn.Linear(width_in, hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, llm_width)
+        self.grid = grid
+        self.position: nn.Parameter | None = None
+        if config.position_embedding:
+            if grid is None:
+                raise ValueError("Projector: position_embedding needs the encoder's grid")
+            self.position = nn.Parameter(torch.zeros(num_visual_tokens(config.type, grid), llm_width))
 
     def num_tokens(self, grid: tuple[int, int]) -> int:
         """LLM positions one image of this encoder grid takes."""
-        rows, cols = grid
-        return rows * cols // 4 if self.type == "pixel_shuffle" else rows * cols
+        return num_visual_tokens(self.type, grid)
 
     def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        if self.position is not None and tuple(grid) != tuple(self.grid):
+            raise ImageInputError(f"projector: its position embedding is for a {self.grid[0]}x{self.grid[1]} token "
+                                  f"grid, got {grid[0]}x{grid[1]} (images must be the encoder's native size)")
         if self.type == "pixel_shuffle":
             tokens = pixel_shuffle(tokens, grid)
-        return self.fc2(self.act(self.fc1(self.norm(tokens))))
+        out = self.fc2(self.act(self.fc1(self.norm(tokens))))
+        return out if self.position is None else out + self.position.to(out.dtype)

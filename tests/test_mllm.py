@@ -31,8 +31,9 @@ def llm_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def make_model(vision_dir: Path, llm_dir: Path, projector: str = "mlp", tuning: str = "none",
-               **overrides: Any) -> UniFlowChat:
-    config = MLLMConfig(vision=VisionConfig(tokenizer=str(vision_dir)), projector=ProjectorConfig(type=projector),
+               position_embedding: bool = False, **overrides: Any) -> UniFlowChat:
+    config = MLLMConfig(vision=VisionConfig(tokenizer=str(vision_dir)),
+                        projector=ProjectorConfig(type=projector, position_embedding=position_embedding),
                         llm=LLMConfig(path=str(llm_dir)), llm_tuning=tuning, **overrides)
     torch.manual_seed(0)
     return UniFlowChat.from_config(config).eval()
@@ -125,6 +126,54 @@ def test_placeholders_expand_to_the_visual_tokens(shared_tokenizer: Any, llm_dir
     assert visual.shape == (2, per_image, model.causal_lm.config.hidden_size)
 
 
+@pytest.mark.parametrize("projector", ["mlp", "pixel_shuffle"])
+def test_position_embedding_tells_the_visual_positions_apart(projector: str) -> None:
+    """Equal encoder tokens at every grid cell: without the position embedding every visual position gets the same
+    LLM embedding; with it (zero at the start, so the same map) they differ once it has learned anything."""
+    from mllm.projector import Projector
+
+    grid = (4, 4)
+    torch.manual_seed(0)
+    plain = Projector(ProjectorConfig(type=projector), 8, 12, grid)
+    torch.manual_seed(0)
+    placed = Projector(ProjectorConfig(type=projector, position_embedding=True), 8, 12, grid)
+    tokens = torch.randn(1, 1, 8).expand(2, 16, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(placed(tokens, grid), plain(tokens, grid), rtol=0, atol=0)
+        same = plain(tokens, grid)
+        assert torch.equal(same[:, :1].expand_as(same), same)
+        placed.position.normal_()
+        moved = placed(tokens, grid)
+    n = 4 if projector == "pixel_shuffle" else 16
+    assert placed.position.shape == (n, 12)
+    assert all(not torch.allclose(moved[0, i], moved[0, j]) for i in range(n) for j in range(i))
+    with pytest.raises(ImageInputError, match=r"position embedding is for a 4x4 token grid, got 6x6"):
+        placed(torch.randn(1, 36, 8), (6, 6))
+
+
+def test_text_only_conversations_are_mixed_in_at_the_ratio(tmp_path: Path, shared_tokenizer: Any,
+                                                           llm_dirs: dict[str, Path]) -> None:
+    """MixedConversations replaces about `ratio` of the items by text-only ones, the same ones on every read."""
+    from mllm.data import LlavaDataset, MixedConversations, Prepared, ShapeWorldChat
+
+    model = make_model(shared_tokenizer[1], llm_dirs["smollm2"], "pixel_shuffle")
+    prepared = Prepared(model.format, model.tokens_per_image, model.image_size, max_length=256)
+    path = tmp_path / "text.json"
+    path.write_text(json.dumps([{"conversations": [{"from": "human", "value": f"What is {i} plus one?"},
+                                                   {"from": "gpt", "value": str(i + 1)}]} for i in range(5)]))
+    text = LlavaDataset(path, prepared)
+    mixed = MixedConversations(ShapeWorldChat(prepared, "train", 400, "qa"), text, ratio=0.25, seed=3)
+    kinds = [mixed[i]["pixel_values"].shape[0] for i in range(len(mixed))]
+    share = kinds.count(0) / len(kinds)
+    assert 0.18 < share < 0.32, share
+    assert set(kinds) == {0, 1}
+    assert [mixed[i]["input_ids"] for i in range(20)] == [mixed[i]["input_ids"] for i in range(20)]
+    none = MixedConversations(ShapeWorldChat(prepared, "train", 50, "qa"), text, ratio=0.0)
+    assert all(none[i]["pixel_values"].shape[0] == 1 for i in range(50))
+    with pytest.raises(ConfigError, match=r"text_ratio: expected"):
+        MixedConversations(text, text, ratio=1.5)
+
+
 def test_training_sees_the_images_as_inference_does(shared_tokenizer: Any, llm_dirs: dict[str, Path]) -> None:
     """The datasets hand [0, 1] pixels to the training loss; chat() normalises through prepare_images. The loss of
     a training batch must equal the same conversation's loss computed on the inference path's image embeddings
@@ -200,7 +249,8 @@ def test_generation_stops_at_the_end_of_turn_token(shared_tokenizer: Any, llm_di
 
 def test_projector_folder_round_trip_and_refusals(tmp_path: Path, shared_tokenizer: Any,
                                                   llm_dirs: dict[str, Path]) -> None:
-    model = make_model(shared_tokenizer[1], llm_dirs["qwen2"], "pixel_shuffle")
+    model = make_model(shared_tokenizer[1], llm_dirs["qwen2"], "pixel_shuffle", position_embedding=True)
+    assert model.projector.position is not None
     with torch.no_grad():
         for p in model.projector.parameters():
             p.add_(torch.randn_like(p))

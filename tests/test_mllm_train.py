@@ -125,6 +125,9 @@ def test_stage2_full_llm_on_llava_json_with_group_lrs(tmp_path: Path, shared_tok
 
 def test_bad_mllm_run_configs_fail_before_training(tmp_path: Path, shared_tokenizer: Any, llm_dir: Path) -> None:
     vision_dir = shared_tokenizer[1]
+    with_image = tmp_path / "with_image.json"
+    with_image.write_text(json.dumps([{"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nHi"},
+                                                                         {"from": "gpt", "value": "Hello"}]}]))
     cases = [
         ({"model": {"vision": {"tokenizer": str(tmp_path / "nope")}}}, r"model.vision.tokenizer: .*nope not found"),
         ({"model": {"init_from": str(tmp_path)}}, r"model.init_from: .* is not an MLLM folder"),
@@ -132,6 +135,8 @@ def test_bad_mllm_run_configs_fail_before_training(tmp_path: Path, shared_tokeni
         ({"data": {"source": "llava", "path": None}}, r"data.path: the llava source needs"),
         ({"model": {"llm": {"path": "package:llm_nothing"}}}, r"unknown model package"),
         ({"data": {"source": "llava", "path": "x.json"}, "eval": {"questions": 2}}, r"eval.questions: .* shapeworld"),
+        ({"data": {"text_ratio": 0.2}}, r"data.text_path: text_ratio 0.2 needs the text-only LLaVA JSON"),
+        ({"data": {"text_ratio": 0.2, "text_path": str(with_image)}}, r"data.text_path: .* has records with an image"),
     ]
     for sections, pattern in cases:
         config = run_config(tmp_path / "bad", vision_dir, llm_dir)

@@ -56,7 +56,9 @@ class MLLMDataConfig:
     """source: "shapeworld" (rendered on demand) or "llava" (JSON files).
     ShapeWorld: task "caption" (stage 1) or "qa" (1 to max_turns questions per conversation), num_samples training
     images, seed. LLaVA: path (JSON), image_folder (default: the JSON's folder), heldout_path (optional).
-    heldout_samples: held-out conversations for the evaluation loss."""
+    heldout_samples: held-out conversations for the evaluation loss.
+    text_path, text_ratio: a LLaVA JSON of text-only conversations, and the share of training items replaced by one
+    of them (LLaVA's language-only mix: keeps the LLM's general answers through stage 2)."""
 
     source: str = "shapeworld"
     task: str = "qa"
@@ -68,6 +70,8 @@ class MLLMDataConfig:
     heldout_path: str | None = None
     heldout_samples: int = 64
     num_workers: int = 0
+    text_path: str | None = None
+    text_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         check_choice("source", self.source, SOURCES)
@@ -79,6 +83,9 @@ class MLLMDataConfig:
         check_number("num_workers", self.num_workers, 0, None)
         if self.source == "llava" and not self.path:
             raise FieldError("path", "the llava source needs the JSON file (data.path)")
+        check_number("text_ratio", self.text_ratio, 0.0, 1.0)
+        if self.text_ratio > 0 and not self.text_path:
+            raise FieldError("text_path", f"text_ratio {self.text_ratio} needs the text-only LLaVA JSON file")
 
 
 @dataclass
@@ -213,13 +220,13 @@ class MLLMTask(Task):
     # -------------------------------------------------------------------------------------------------- data
     def _prepared(self) -> Any:
         from mllm.data import Prepared
-        from mllm.projector import Projector
+        from mllm.projector import num_visual_tokens
         from uniflow.hub import resolve_folder
         from uniflow.tokenizer import read_tokenizer_config
 
         enc = read_tokenizer_config(resolve_folder(self.mllm_config.vision.tokenizer, what="tokenizer")).encoder
         grid = enc.image_size // enc.patch_size
-        tokens = Projector(self.mllm_config.projector, 1, 1).num_tokens((grid, grid))
+        tokens = num_visual_tokens(self.mllm_config.projector.type, (grid, grid))
         return Prepared(self.chat_format, tokens, enc.image_size, self.mllm_config.max_length)
 
     def build_datasets(self) -> tuple[Dataset, Dataset | None]:
@@ -230,13 +237,30 @@ class MLLMTask(Task):
         if d.source == "shapeworld":
             train = ShapeWorldChat(prepared, "train", d.num_samples, d.task, d.seed, d.max_turns)
             heldout = ShapeWorldChat(prepared, "heldout", max(d.heldout_samples, 1), d.task, d.seed, d.max_turns)
-            return train, heldout if d.heldout_samples or self.eval_options.questions else None
+            return self._with_text(train, prepared), heldout if d.heldout_samples or self.eval_options.questions \
+                else None
         train = LlavaDataset(d.path, prepared, d.image_folder)
         if len(train) == 0:
             raise ConfigError(f"{self.config.source}: data.path: {d.path} holds no records")
         heldout = LlavaDataset(d.heldout_path, prepared, d.image_folder, limit=d.heldout_samples) \
             if d.heldout_path and d.heldout_samples else None
-        return train, heldout
+        return self._with_text(train, prepared), heldout
+
+    def _with_text(self, train: Dataset, prepared: Any) -> Dataset:
+        """The training set with `data.text_ratio` of its items text-only conversations from `data.text_path`."""
+        from mllm.data import LlavaDataset, MixedConversations
+
+        d = self.data
+        if d.text_ratio == 0:
+            return train
+        text = LlavaDataset(d.text_path, prepared)
+        if any(text.records[i].get("image") is not None for i in range(len(text))):
+            raise ConfigError(f"{self.config.source}: data.text_path: {d.text_path} has records with an image; "
+                              f"expected text-only conversations")
+        try:
+            return MixedConversations(train, text, d.text_ratio, d.seed)
+        except ConfigError as exc:
+            raise ConfigError(f"{self.config.source}: data.{exc}") from None
 
     def collate(self, items: list[Any]) -> Any:
         from mllm.data import collate
