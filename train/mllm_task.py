@@ -254,7 +254,7 @@ class MLLMTask(Task):
         if d.text_ratio == 0:
             return train
         text = LlavaDataset(d.text_path, prepared)
-        if any(text.records[i].get("image") is not None for i in range(len(text))):
+        if any(record.get("image") is not None for record in text.records):
             raise ConfigError(f"{self.config.source}: data.text_path: {d.text_path} has records with an image; "
                               f"expected text-only conversations")
         try:
