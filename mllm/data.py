@@ -117,18 +117,36 @@ class LlavaDataset(Dataset):
 
 
 # ------------------------------------------------------------------------------------------------------ ShapeWorld
-def shapeworld_messages(sample: Any, task: str, rng: np.random.Generator, max_turns: int = 5
-                        ) -> list[dict[str, str]]:
-    """A conversation about one ShapeWorld sample. caption: "Describe the image." -> the caption. qa: 1 to
-    `max_turns` of its questions (shape, colour, count, position, yes/no) in a random order, one per turn; the first
-    user turn carries the image."""
+MAX_SHAPEWORLD_TURNS = 7  # five questions per image, plus "where" for each of up to two more objects
+
+
+def shapeworld_questions_of(sample: Any, every_position: bool = False) -> list[tuple[str, str]]:
+    """(question, answer) pairs about one ShapeWorld sample: its five questions (shape, colour, count, position,
+    yes/no) and, with `every_position`, "where is ..." for each object the position question did not ask about.
+    Objects have distinct (colour, shape) pairs, so each such question has one answer."""
+    pairs = [(q["question"], q["answer"]) for q in sample.qa]
+    if every_position:
+        asked = {q["question"] for q in sample.qa}
+        for o in sample.objects:
+            question = f"Where is the {o.colour} {o.shape}?"
+            if question not in asked:
+                pairs.append((question, o.position))
+    return pairs
+
+
+def shapeworld_messages(sample: Any, task: str, rng: np.random.Generator, max_turns: int = 5,
+                        min_turns: int = 1, every_position: bool = False) -> list[dict[str, str]]:
+    """A conversation about one ShapeWorld sample. caption: "Describe the image." -> the caption. qa: `min_turns`
+    to `max_turns` of its questions (`shapeworld_questions_of`) in a random order, one per turn; the first user turn
+    carries the image. Batches are padded to their longest conversation, so asking every question
+    (min_turns = max_turns = MAX_SHAPEWORLD_TURNS) costs little more per step than a random number of them."""
     if task == "caption":
         turns = [(CAPTION_PROMPT, sample.caption)]
     else:
-        qa = list(sample.qa)
-        k = int(rng.integers(1, min(max_turns, len(qa)) + 1))
-        order = rng.permutation(len(qa))[:k]
-        turns = [(qa[i]["question"], qa[i]["answer"]) for i in order]
+        pool = shapeworld_questions_of(sample, every_position)
+        low, high = min(min_turns, len(pool)), min(max_turns, len(pool))
+        k = int(rng.integers(low, high + 1))
+        turns = [pool[i] for i in rng.permutation(len(pool))[:k]]
     messages = []
     for i, (question, answer) in enumerate(turns):
         messages.append({"role": "user", "content": ("<image>\n" if i == 0 else "") + question})
@@ -141,11 +159,13 @@ class ShapeWorldChat(Dataset):
     caption or QA conversation (`shapeworld_messages`), deterministic in (seed, split, index)."""
 
     def __init__(self, prepared: Prepared, split: str = "train", num_samples: int = 50_000, task: str = "qa",
-                 seed: int = 0, max_turns: int = 5) -> None:
+                 seed: int = 0, max_turns: int = 5, min_turns: int = 1, every_position: bool = False) -> None:
         check_choice("task", task, SHAPEWORLD_TASKS)
-        check_number("max_turns", max_turns, 1, 5)
+        check_number("max_turns", max_turns, 1, MAX_SHAPEWORLD_TURNS)
+        check_number("min_turns", min_turns, 1, max_turns)
         self.prepared, self.split, self.num_samples = prepared, split, num_samples
         self.task, self.seed, self.max_turns = task, seed, max_turns
+        self.min_turns, self.every_position = min_turns, every_position
 
     def __len__(self) -> int:
         return self.num_samples
@@ -156,7 +176,7 @@ class ShapeWorldChat(Dataset):
 
         sample = render_sample(self.seed, self.split, int(index))
         rng = np.random.default_rng([self.seed, 7, int(index)])
-        messages = shapeworld_messages(sample, self.task, rng, self.max_turns)
+        messages = shapeworld_messages(sample, self.task, rng, self.max_turns, self.min_turns, self.every_position)
         image = preprocess(sample.image, self.prepared.image_size)
         return self.prepared.sample([image], messages, f"ShapeWorld {self.split} {index}")
 

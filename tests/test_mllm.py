@@ -174,6 +174,31 @@ def test_text_only_conversations_are_mixed_in_at_the_ratio(tmp_path: Path, share
         MixedConversations(text, text, ratio=1.5)
 
 
+def test_shapeworld_conversations_ask_every_question_and_every_position() -> None:
+    """min_turns = max_turns = 7 with every_position: each image's five questions plus "where" for each other object,
+    every answer the renderer's; the default asks 1 to 5 of the five."""
+    import numpy as np
+
+    from mllm.data import MAX_SHAPEWORLD_TURNS, shapeworld_messages, shapeworld_questions_of
+
+    lengths = set()
+    for index in range(40):
+        sample = render_sample(0, "train", index)
+        every = shapeworld_messages(sample, "qa", np.random.default_rng(index), MAX_SHAPEWORLD_TURNS,
+                                    MAX_SHAPEWORLD_TURNS, every_position=True)
+        asked = dict(zip([m["content"].removeprefix("<image>\n") for m in every[::2]],
+                         [m["content"] for m in every[1::2]], strict=True))
+        assert asked == dict(shapeworld_questions_of(sample, every_position=True))
+        wheres = {q: a for q, a in asked.items() if q.startswith("Where is")}
+        assert wheres == {f"Where is the {o.colour} {o.shape}?": o.position for o in sample.objects}
+        assert len(asked) == 4 + len(sample.objects)
+        assert every[0]["content"].startswith("<image>\n") and sum("<image>" in m["content"] for m in every) == 1
+        some = shapeworld_messages(sample, "qa", np.random.default_rng(index))
+        lengths.add(len(some) // 2)
+        assert {m["content"].removeprefix("<image>\n") for m in some[::2]} <= {q["question"] for q in sample.qa}
+    assert lengths == {1, 2, 3, 4, 5}
+
+
 def test_training_sees_the_images_as_inference_does(shared_tokenizer: Any, llm_dirs: dict[str, Path]) -> None:
     """The datasets hand [0, 1] pixels to the training loss; chat() normalises through prepare_images. The loss of
     a training batch must equal the same conversation's loss computed on the inference path's image embeddings
@@ -376,3 +401,9 @@ def test_config_errors_name_the_field() -> None:
         MLLMConfig.from_dict({"llm_tuning": "qlora"}, "x")
     with pytest.raises(ConfigError, match=r"x: unknown field\(s\) \['projecter'\]"):
         MLLMConfig.from_dict({"projecter": {}}, "x")
+    from train.mllm_task import MLLMDataConfig
+
+    with pytest.raises(ConfigError, match=r"min_turns: expected"):
+        MLLMDataConfig(max_turns=3, min_turns=4)
+    with pytest.raises(ConfigError, match=r"max_turns: expected"):
+        MLLMDataConfig(max_turns=8)

@@ -54,8 +54,9 @@ class MLLMModelSection:
 @dataclass
 class MLLMDataConfig:
     """source: "shapeworld" (rendered on demand) or "llava" (JSON files).
-    ShapeWorld: task "caption" (stage 1) or "qa" (1 to max_turns questions per conversation), num_samples training
-    images, seed. LLaVA: path (JSON), image_folder (default: the JSON's folder), heldout_path (optional).
+    ShapeWorld: task "caption" (stage 1) or "qa" (min_turns to max_turns questions per conversation; every_position
+    adds "where is ..." for every object, not only one), num_samples training images, seed. LLaVA: path (JSON),
+    image_folder (default: the JSON's folder), heldout_path (optional).
     heldout_samples: held-out conversations for the evaluation loss.
     text_path, text_ratio: a LLaVA JSON of text-only conversations, and the share of training items replaced by one
     of them (LLaVA's language-only mix: keeps the LLM's general answers through stage 2)."""
@@ -64,6 +65,8 @@ class MLLMDataConfig:
     task: str = "qa"
     num_samples: int = 50_000
     max_turns: int = 5
+    min_turns: int = 1
+    every_position: bool = False
     seed: int = 0
     path: str | None = None
     image_folder: str | None = None
@@ -77,7 +80,10 @@ class MLLMDataConfig:
         check_choice("source", self.source, SOURCES)
         check_choice("task", self.task, ("caption", "qa"))
         check_number("num_samples", self.num_samples, 1, None)
-        check_number("max_turns", self.max_turns, 1, 5)
+        from mllm.data import MAX_SHAPEWORLD_TURNS
+
+        check_number("max_turns", self.max_turns, 1, MAX_SHAPEWORLD_TURNS)
+        check_number("min_turns", self.min_turns, 1, self.max_turns)
         check_number("seed", self.seed, 0, None)
         check_number("heldout_samples", self.heldout_samples, 0, None)
         check_number("num_workers", self.num_workers, 0, None)
@@ -235,8 +241,9 @@ class MLLMTask(Task):
         prepared = self._prepared()
         d = self.data
         if d.source == "shapeworld":
-            train = ShapeWorldChat(prepared, "train", d.num_samples, d.task, d.seed, d.max_turns)
-            heldout = ShapeWorldChat(prepared, "heldout", max(d.heldout_samples, 1), d.task, d.seed, d.max_turns)
+            turns = {"max_turns": d.max_turns, "min_turns": d.min_turns, "every_position": d.every_position}
+            train = ShapeWorldChat(prepared, "train", d.num_samples, d.task, d.seed, **turns)
+            heldout = ShapeWorldChat(prepared, "heldout", max(d.heldout_samples, 1), d.task, d.seed, **turns)
             return self._with_text(train, prepared), heldout if d.heldout_samples or self.eval_options.questions \
                 else None
         train = LlavaDataset(d.path, prepared, d.image_folder)
