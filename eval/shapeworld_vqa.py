@@ -7,7 +7,11 @@
    image to the tuned model and to its base LLM (the same model with the LoRA switched off); a reply is right when an
    accepted answer appears in it as whole words. Target: tuned >= base - 1.
 
-    python -m eval.shapeworld_vqa --mllm checkpoints/shapeworld/mllm [--num 200] [--out result.json]
+With `--where N`, a diagnosis of position besides: "where is the <colour> <shape>?" for every object of the first N
+held-out images (the visual questions above ask about one object per image), broken down by the number of objects,
+largest object or not, and the right answer (center, top left, ...).
+
+    python -m eval.shapeworld_vqa --mllm checkpoints/shapeworld/mllm [--num 200] [--where 300] [--out result.json]
 """
 
 from __future__ import annotations
@@ -55,6 +59,42 @@ def visual_accuracy(model: Any, num_images: int, batch_size: int, max_new_tokens
             "examples_wrong": wrong}
 
 
+def where_accuracy(model: Any, num_images: int, batch_size: int, max_new_tokens: int, seed: int = 0,
+                   progress: bool = True) -> dict[str, Any]:
+    """Exact match of "where is ...?" for every object of the first `num_images` held-out images, grouped by the
+    number of objects in the image, by whether the object is the largest, and by the right answer."""
+    from tqdm import tqdm
+
+    from mllm.data import exact_match, shapeworld_questions_of
+    from uniflow.data.shapeworld import render_sample
+
+    items = []
+    for index in range(num_images):
+        sample = render_sample(seed, "heldout", index)
+        wheres = dict(shapeworld_questions_of(sample, every_position=True))
+        for k, o in enumerate(sample.objects):
+            question = f"Where is the {o.colour} {o.shape}?"
+            items.append({"image": sample.image, "question": question, "answer": wheres[question],
+                          "groups": (f"{len(sample.objects)} object(s)", "largest" if k == 0 else "not largest",
+                                     f"answer {o.position}")})
+    groups: dict[str, list[int]] = {}
+    bar = tqdm(total=len(items), desc="where", unit="q", file=sys.stderr, disable=not progress)
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        replies = model.generate([([it["image"]], "<image>\n" + it["question"]) for it in chunk],
+                                 max_new_tokens=max_new_tokens)
+        for it, reply in zip(chunk, replies):
+            ok = int(exact_match(reply, it["answer"]))
+            for g in ("all", *it["groups"]):
+                groups.setdefault(g, [0, 0])
+                groups[g][0] += ok
+                groups[g][1] += 1
+        bar.update(len(chunk))
+    bar.close()
+    return {"questions": len(items),
+            "groups": {g: {"correct": c, "total": n, "exact": c / max(n, 1)} for g, (c, n) in groups.items()}}
+
+
 def plain_accuracy(model: Any, path: Path, max_new_tokens: int) -> dict[str, Any]:
     """Right answers of the tuned model and of its base (LoRA off) on the plain-text questions."""
     from mllm.data import contains_answer
@@ -74,8 +114,9 @@ def plain_accuracy(model: Any, path: Path, max_new_tokens: int) -> dict[str, Any
             "base_right": sum(r["base_right"] for r in rows), "rows": rows}
 
 
-def print_report(visual: dict[str, Any] | None, plain: dict[str, Any] | None) -> bool:
-    """The tables; returns whether every target is met."""
+def print_report(visual: dict[str, Any] | None, plain: dict[str, Any] | None,
+                 where: dict[str, Any] | None = None) -> bool:
+    """The tables; returns whether every target is met (the `--where` diagnosis has no target)."""
     ok = True
     if visual is not None:
         print(f"{'type':<10} {'correct':>8} {'total':>6} {'exact':>7}")
@@ -92,6 +133,10 @@ def print_report(visual: dict[str, Any] | None, plain: dict[str, Any] | None) ->
         print(f"plain-text questions: tuned {plain['tuned_right']}/{plain['questions']} right, base "
               f"{plain['base_right']}/{plain['questions']} (target: tuned >= base - 1: {'met' if met else 'NOT met'})")
         ok &= met
+    if where is not None:
+        print(f"where is ...? for every object ({where['questions']} questions):")
+        for g, row in sorted(where["groups"].items(), key=lambda kv: (kv[0] != "all", kv[0])):
+            print(f"  {g:<20} {row['correct']:>5} / {row['total']:<5} {100 * row['exact']:>6.1f}%")
     return ok
 
 
@@ -100,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mllm", default="checkpoints/shapeworld/mllm", help="MLLM folder")
     parser.add_argument("--num", type=int, default=200, help="held-out images (5 questions each; 0: none)")
+    parser.add_argument("--where", type=int, default=0,
+                        help="also ask where every object is, on this many held-out images (0: skip)")
     parser.add_argument("--batch-size", type=int, default=16, help="questions answered together")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--plain", default=str(PLAIN_QUESTIONS), help="plain-text questions (JSON list)")
@@ -116,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         from uniflow.errors import ConfigError
 
         check_int("--num", args.num, 0)
+        check_int("--where", args.where, 0)
         check_int("--batch-size", args.batch_size, 1, 1025)
         check_int("--max-new-tokens", args.max_new_tokens, 1, 4097)
         check_int("--plain-max-new-tokens", args.plain_max_new_tokens, 1, 4097)
@@ -128,11 +176,13 @@ def main(argv: list[str] | None = None) -> int:
         visual = visual_accuracy(model, args.num, args.batch_size, args.max_new_tokens,
                                  progress=not args.no_progress) if args.num else None
         plain = None if args.no_plain else plain_accuracy(model, Path(args.plain), args.plain_max_new_tokens)
-        ok = print_report(visual, plain)
+        where = where_accuracy(model, args.where, args.batch_size, args.max_new_tokens,
+                               progress=not args.no_progress) if args.where else None
+        ok = print_report(visual, plain, where)
         if args.out:
             from uniflow.fileio import atomic_write_text
 
-            result = {"mllm": str(args.mllm), "visual": visual, "plain": plain, "targets_met": ok,
+            result = {"mllm": str(args.mllm), "visual": visual, "plain": plain, "where": where, "targets_met": ok,
                       "seconds": round(time.perf_counter() - t0, 1)}
             atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
         return 0

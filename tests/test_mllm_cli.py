@@ -88,7 +88,7 @@ def test_shapeworld_vqa_command_prints_per_type_accuracy(mllm_dir: Path, tmp_pat
 
     out_file = tmp_path / "vqa.json"
     code = vqa_main(["--mllm", str(mllm_dir), "--num", "2", "--max-new-tokens", "3", "--plain-max-new-tokens", "3",
-                     "--out", str(out_file), "--no-progress"])
+                     "--where", "3", "--out", str(out_file), "--no-progress"])
     out = capsys.readouterr().out
     assert code == 0
     for word in ("shape", "colour", "count", "position", "yes/no", "all", "plain-text questions: tuned"):
@@ -96,3 +96,11 @@ def test_shapeworld_vqa_command_prints_per_type_accuracy(mllm_dir: Path, tmp_pat
     result = json.loads(out_file.read_text())
     assert result["visual"]["questions"] == 10 and result["plain"]["questions"] >= 20
     assert result["plain"]["tuned_right"] == result["plain"]["base_right"]  # a stage-1 model: the LLM untouched
+    from uniflow.data.shapeworld import render_sample
+
+    objects = [len(render_sample(0, "heldout", i).objects) for i in range(3)]
+    groups = result["where"]["groups"]
+    assert result["where"]["questions"] == groups["all"]["total"] == sum(objects)
+    assert groups["largest"]["total"] == 3
+    assert sum(row["total"] for g, row in groups.items() if g.startswith("answer ")) == sum(objects)
+    assert "where is ...? for every object" in out
