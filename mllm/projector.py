@@ -7,7 +7,8 @@
 
 With `position_embedding`, a learned vector per visual position (zero at the start) is added to the projector's
 output, so each visual token states its 2-D place rather than leaving the LLM to infer it from the run's order. On
-the ShapeWorld MLLM it did not change position answers (51.5% -> 53.0%, docs/results.md); it stays an option.
+the ShapeWorld MLLM it did not change position answers (51.5% -> 53.0%): zero at the start, its vectors grew to
+only ~1% of the projected tokens' norm (docs/results.md), so they never carried a usable signal; it stays an option.
 """
 
 from __future__ import annotations
