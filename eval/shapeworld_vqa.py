@@ -20,6 +20,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,30 +28,35 @@ PLAIN_QUESTIONS = Path(__file__).resolve().parent / "data" / "plain_questions.js
 OVERALL_TARGET, TYPE_TARGET = 0.90, 0.80
 
 
+def answered(model: Any, items: list[dict[str, Any]], batch_size: int, max_new_tokens: int, desc: str,
+             progress: bool = True) -> Iterator[tuple[dict[str, Any], str]]:
+    """(item, greedy reply) for items {"image", "question", ...}, each asked alone with its image, in batches."""
+    from tqdm import tqdm
+
+    with tqdm(total=len(items), desc=desc, unit="q", file=sys.stderr, disable=not progress) as bar:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            replies = model.generate([([it["image"]], "<image>\n" + it["question"]) for it in chunk],
+                                     max_new_tokens=max_new_tokens)
+            yield from zip(chunk, replies)
+            bar.update(len(chunk))
+
+
 def visual_accuracy(model: Any, num_images: int, batch_size: int, max_new_tokens: int, seed: int = 0,
                     progress: bool = True) -> dict[str, Any]:
     """Per-type and overall exact-match accuracy on held-out ShapeWorld questions (batched greedy answers)."""
-    from tqdm import tqdm
-
     from mllm.data import exact_match, shapeworld_questions
 
     questions = shapeworld_questions("heldout", num_images, seed)
     per_type: dict[str, list[int]] = {}
     wrong: list[dict[str, str]] = []
-    bar = tqdm(total=len(questions), desc="questions", unit="q", file=sys.stderr, disable=not progress)
-    for start in range(0, len(questions), batch_size):
-        chunk = questions[start:start + batch_size]
-        answers = model.generate([([q["image"]], "<image>\n" + q["question"]) for q in chunk],
-                                 max_new_tokens=max_new_tokens)
-        for q, a in zip(chunk, answers):
-            ok = exact_match(a, q["answer"])
-            per_type.setdefault(q["type"], [0, 0])
-            per_type[q["type"]][0] += int(ok)
-            per_type[q["type"]][1] += 1
-            if not ok and len(wrong) < 20:
-                wrong.append({"index": q["index"], "question": q["question"], "answer": q["answer"], "reply": a})
-        bar.update(len(chunk))
-    bar.close()
+    for q, a in answered(model, questions, batch_size, max_new_tokens, "questions", progress):
+        ok = exact_match(a, q["answer"])
+        per_type.setdefault(q["type"], [0, 0])
+        per_type[q["type"]][0] += int(ok)
+        per_type[q["type"]][1] += 1
+        if not ok and len(wrong) < 20:
+            wrong.append({"index": q["index"], "question": q["question"], "answer": q["answer"], "reply": a})
     correct = sum(c for c, _ in per_type.values())
     total = sum(n for _, n in per_type.values())
     return {"questions": total, "exact": correct / max(total, 1),
@@ -63,8 +69,6 @@ def where_accuracy(model: Any, num_images: int, batch_size: int, max_new_tokens:
                    progress: bool = True) -> dict[str, Any]:
     """Exact match of "where is ...?" for every object of the first `num_images` held-out images, grouped by the
     number of objects in the image, by whether the object is the largest, and by the right answer."""
-    from tqdm import tqdm
-
     from mllm.data import exact_match, shapeworld_questions_of
     from uniflow.data.shapeworld import render_sample
 
@@ -78,19 +82,12 @@ def where_accuracy(model: Any, num_images: int, batch_size: int, max_new_tokens:
                           "groups": (f"{len(sample.objects)} object(s)", "largest" if k == 0 else "not largest",
                                      f"answer {o.position}")})
     groups: dict[str, list[int]] = {}
-    bar = tqdm(total=len(items), desc="where", unit="q", file=sys.stderr, disable=not progress)
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        replies = model.generate([([it["image"]], "<image>\n" + it["question"]) for it in chunk],
-                                 max_new_tokens=max_new_tokens)
-        for it, reply in zip(chunk, replies):
-            ok = int(exact_match(reply, it["answer"]))
-            for g in ("all", *it["groups"]):
-                groups.setdefault(g, [0, 0])
-                groups[g][0] += ok
-                groups[g][1] += 1
-        bar.update(len(chunk))
-    bar.close()
+    for it, reply in answered(model, items, batch_size, max_new_tokens, "where", progress):
+        ok = int(exact_match(reply, it["answer"]))
+        for g in ("all", *it["groups"]):
+            groups.setdefault(g, [0, 0])
+            groups[g][0] += ok
+            groups[g][1] += 1
     return {"questions": len(items),
             "groups": {g: {"correct": c, "total": n, "exact": c / max(n, 1)} for g, (c, n) in groups.items()}}
 
