@@ -69,16 +69,14 @@ def where_accuracy(model: Any, num_images: int, batch_size: int, max_new_tokens:
                    progress: bool = True) -> dict[str, Any]:
     """Exact match of "where is ...?" for every object of the first `num_images` held-out images, grouped by the
     number of objects in the image, by whether the object is the largest, and by the right answer."""
-    from mllm.data import exact_match, shapeworld_questions_of
-    from uniflow.data.shapeworld import render_sample
+    from mllm.data import exact_match
+    from uniflow.data.shapeworld import render_sample, where_question
 
     items = []
     for index in range(num_images):
         sample = render_sample(seed, "heldout", index)
-        wheres = dict(shapeworld_questions_of(sample, every_position=True))
         for k, o in enumerate(sample.objects):
-            question = f"Where is the {o.colour} {o.shape}?"
-            items.append({"image": sample.image, "question": question, "answer": wheres[question],
+            items.append({"image": sample.image, "question": where_question(o), "answer": o.position,
                           "groups": (f"{len(sample.objects)} object(s)", "largest" if k == 0 else "not largest",
                                      f"answer {o.position}")})
     groups: dict[str, list[int]] = {}

@@ -124,11 +124,13 @@ def shapeworld_questions_of(sample: Any, every_position: bool = False) -> list[t
     """(question, answer) pairs about one ShapeWorld sample: its five questions (shape, colour, count, position,
     yes/no) and, with `every_position`, "where is ..." for each object the position question did not ask about.
     Objects have distinct (colour, shape) pairs, so each such question has one answer."""
+    from uniflow.data.shapeworld import where_question
+
     pairs = [(q["question"], q["answer"]) for q in sample.qa]
     if every_position:
         asked = {q["question"] for q in sample.qa}
         for o in sample.objects:
-            question = f"Where is the {o.colour} {o.shape}?"
+            question = where_question(o)
             if question not in asked:
                 pairs.append((question, o.position))
     return pairs

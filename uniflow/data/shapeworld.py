@@ -381,6 +381,11 @@ def _caption(objects: list[ShapeObject], background: str) -> str:
     return text[0].upper() + text[1:]
 
 
+def where_question(obj: ShapeObject) -> str:
+    """The position question about one object; its answer is `obj.position`."""
+    return f"Where is the {obj.colour} {obj.shape}?"
+
+
 def _qa(rng: np.random.Generator, objects: list[ShapeObject]) -> list[dict[str, str]]:
     """Questions with exactly one correct, short, lowercase answer each (exact-match evaluation relies on it)."""
     main = objects[0]
@@ -394,7 +399,7 @@ def _qa(rng: np.random.Generator, objects: list[ShapeObject]) -> list[dict[str, 
         qa.append({"type": "colour", "question": "What colour is the largest object?", "answer": main.colour})
     qa.append({"type": "count", "question": "How many shapes are there?", "answer": str(len(objects))})
     o = objects[int(rng.integers(len(objects)))]
-    qa.append({"type": "position", "question": f"Where is the {o.colour} {o.shape}?", "answer": o.position})
+    qa.append({"type": "position", "question": where_question(o), "answer": o.position})
     present = {(o.shape, o.colour) for o in objects}
     if rng.random() < 0.5:
         o = objects[int(rng.integers(len(objects)))]
