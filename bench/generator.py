@@ -5,9 +5,10 @@ weights at the `B` preset (LlamaGen's GPT-B transformer; 16 x 16 = 256 tokens), 
 unconditional pass), the preset's default head steps:
 - tokens/s at batch 1 and 16 with the static KV cache (`generator.sample.sample_latents`) and with the prefix
   recomputed for every token (`use_cache=False`); goal: cache >= 5x recompute;
-- tokens/s of `transformers`' `LlamaForCausalLM.generate` with a static cache (`cache_implementation="static"`) at the
-  same width, depth, heads and MLP, LlamaGen's 16384-entry codebook as its vocabulary, greedy, the same number of
-  rows (2 x batch with CFG) and 256 new tokens; goal: ours (flow head included) >= 1.0x per token;
+- tokens/s of `transformers`' `LlamaForCausalLM.generate` with a static cache (`cache_implementation="static"`) at
+  the same width, depth, heads and MLP, LlamaGen's 16384-entry codebook as its vocabulary, greedy, the same number of
+  rows (2 x batch with CFG) and 256 new tokens; goal: ours (flow head included) >= 1.0x per token. The two are timed
+  in alternating rounds (`bench.tokenizer.measure_interleaved`), so a slow spell of the machine falls on both;
 - the share of the cached sampling time spent in the flow head (timed around every head call, device synchronised);
 - peak extra memory of every measurement (CPU: peak RSS above the start; CUDA: max_memory_allocated above the start).
 Tokens/s count the requested samples' tokens (batch x 256), not the unconditional twins. Every figure is the median
@@ -42,7 +43,7 @@ if sys.path and sys.path[0] and Path(sys.path[0]).resolve() == ROOT / "bench":
     sys.path[0] = str(ROOT)  # run as a script: this file's name would otherwise shadow the `generator` package
 
 from bench.machine import describe, synchronize, write_report  # noqa: E402
-from bench.tokenizer import measure  # noqa: E402
+from bench.tokenizer import measure, measure_interleaved  # noqa: E402
 from generator.model import ARGenerator, count_parameters  # noqa: E402
 from generator.presets import LLAMAGEN_CODEBOOK, get_preset  # noqa: E402
 from generator.sample import sample_latents  # noqa: E402
@@ -64,26 +65,33 @@ def build(preset: str, device: str, dtype: torch.dtype) -> ARGenerator:
 
 
 class HeadTimer:
-    """Wall time spent inside the flow head (device synchronised around each call)."""
+    """Wall time spent inside the flow head (device synchronised around each call): its condition terms for the
+    time grid (once per token) and its token path (once per ODE evaluation), the two parts sampling calls."""
+
+    PARTS = ("grid_modulations", "token_path")
 
     def __init__(self, model: ARGenerator, device: str) -> None:
         self.model, self.device, self.seconds = model, device, 0.0
-        self.original = model.head.forward
 
-    def __enter__(self) -> HeadTimer:
-        def timed_forward(*args: Any, **kwargs: Any) -> Any:
+    def _timed(self, fn: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
             synchronize(self.device)
             start = time.perf_counter()
-            out = self.original(*args, **kwargs)
+            out = fn(*args, **kwargs)
             synchronize(self.device)
             self.seconds += time.perf_counter() - start
             return out
 
-        self.model.head.forward = timed_forward
+        return timed
+
+    def __enter__(self) -> HeadTimer:
+        for name in self.PARTS:  # instance attributes shadow the methods until __exit__ deletes them
+            setattr(self.model.head, name, self._timed(getattr(self.model.head, name)))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.model.head.forward = self.original
+        for name in self.PARTS:
+            delattr(self.model.head, name)
 
 
 def build_llama(model: ARGenerator, device: str, dtype: torch.dtype) -> Any:
@@ -108,17 +116,10 @@ def run_batch(model: ARGenerator, batch: int, args: argparse.Namespace) -> dict[
         return lambda: sample_latents(model, labels, seeds=0, cfg=args.cfg, use_cache=use_cache,
                                       compile=args.compile and use_cache)
 
+    contenders: dict[str, Any] = {}
     if "cache" in args.parts:
-        timing = measure(ours(True), args.device, args.repeats, args.budget)
-        row["cache"] = {**timing.to_dict(), "tokens_per_s": round(tokens / timing.median, 2)}
-        with HeadTimer(model, args.device) as head:
-            start = time.perf_counter()
-            ours(True)()
-            total = time.perf_counter() - start
-        row["head_share"] = round(head.seconds / total, 4)
-    if "recompute" in args.parts:  # warmed up by a cached run: the same kernels, without the quadratic cost
-        timing = measure(ours(False), args.device, args.repeats, args.budget, warmup=ours(True))
-        row["recompute"] = {**timing.to_dict(), "tokens_per_s": round(tokens / timing.median, 2)}
+        contenders["cache"] = ours(True)
+    llama = None
     if "llama" in args.parts:
         llama = build_llama(model, args.device, model.dtype)
         rows = 2 * batch if args.cfg != 1.0 else batch
@@ -130,9 +131,21 @@ def run_batch(model: ARGenerator, batch: int, args: argparse.Namespace) -> dict[
                                       min_new_tokens=c.num_tokens, do_sample=False, cache_implementation="static",
                                       pad_token_id=0)
 
-        timing = measure(generate, args.device, args.repeats, args.budget)
-        row["llama_static"] = {**timing.to_dict(), "tokens_per_s": round(tokens / timing.median, 2), "rows": rows}
+        contenders["llama_static"] = generate
+    for name, timing in measure_interleaved(contenders, args.device, args.repeats, args.budget).items():
+        row[name] = {**timing.to_dict(), "tokens_per_s": round(tokens / timing.median, 2)}
+    if llama is not None:
+        row["llama_static"]["rows"] = rows
         del llama
+    if "cache" in args.parts:
+        with HeadTimer(model, args.device) as head:
+            start = time.perf_counter()
+            ours(True)()
+            total = time.perf_counter() - start
+        row["head_share"] = round(head.seconds / total, 4)
+    if "recompute" in args.parts:  # warmed up by a cached run: the same kernels, without the quadratic cost
+        timing = measure(ours(False), args.device, args.repeats, args.budget, warmup=ours(True))
+        row["recompute"] = {**timing.to_dict(), "tokens_per_s": round(tokens / timing.median, 2)}
     if "cache" in row and "recompute" in row:
         row["cache_vs_recompute"] = round(row["cache"]["tokens_per_s"] / row["recompute"]["tokens_per_s"], 2)
     if "cache" in row and "llama_static" in row:

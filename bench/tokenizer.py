@@ -185,6 +185,25 @@ def measure(fn: Callable[[], object], device: str, repeats: int, budget_s: float
     return timing
 
 
+def measure_interleaved(fns: dict[str, Callable[[], object]], device: str, repeats: int, budget_s: float
+                        ) -> dict[str, Timing]:
+    """`measure` for contenders compared by a ratio: one warm-up each, then rounds that time each once, the order
+    reversed every other round, so a slow spell of a shared machine falls on both rather than on whichever ran
+    then. Stops after a round once `budget_s` is spent (>= 1 round)."""
+    for fn in fns.values():
+        fn()
+    timings = {name: Timing(memory=PeakMemory(device)) for name in fns}
+    names = list(fns)
+    start = time.perf_counter()
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            with timings[name].memory.measure():
+                timings[name].add(timed(fns[name], device))
+        if time.perf_counter() - start > budget_s:
+            break
+    return timings
+
+
 # --------------------------------------------------------------------------------------------------- models
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())

@@ -160,7 +160,7 @@ def rope_2d(grid: tuple[int, int], head_dim: int, theta: float) -> tuple[torch.T
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, L, D) by (L, D/2) angles, pairing dimension i with i + D/2."""
+    """Rotate (..., L, D) by (L, D/2) angles, pairing dimension i with i + D/2."""
     x1, x2 = x.chunk(2, dim=-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
@@ -185,25 +185,25 @@ class Attention(nn.Module):
         self.proj = nn.Linear(width, width, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: tuple[torch.Tensor, torch.Tensor] | None = None, pos: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        """Causal self-attention over x (B, L, W) at positions [0, L); with `cache` and `pos` (a 0-d tensor), x is
-        the one position `pos` and the keys/values of [0, pos) come from the cache. Prefill (cache, pos None)
-        writes positions [0, L) into the cache."""
+                cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+                at: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Causal self-attention over x (B, L, W) at positions [0, L); with `cache` and `at` = (index (1,), mask
+        over the cache's positions; `ARGenerator.step`), x is the one position `index` and the keys/values of
+        [0, index) come from the cache. Prefill (cache, at None) writes positions [0, L) into the cache."""
         b, length, width = x.shape
-        q, k, v = self.qkv(x).view(b, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.qkv(x).view(b, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(qkv[:2], cos, sin)  # queries and keys rotated in one pass
+        v = qkv[2]
         if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif pos is None:
+        elif at is None:
             cache[0][:, :, :length] = k
             cache[1][:, :, :length] = v
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            index = pos.view(1)
+            index, mask = at
             cache[0].index_copy_(2, index, k)
             cache[1].index_copy_(2, index, v)
-            mask = (torch.arange(cache[0].shape[2], device=x.device) <= pos).view(1, 1, 1, -1)
             out = F.scaled_dot_product_attention(q, cache[0], cache[1], attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(b, length, width))
 
@@ -230,9 +230,9 @@ class Block(nn.Module):
         self.ffn = SwiGLU(config.width, config.ffn_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: tuple[torch.Tensor, torch.Tensor] | None = None, pos: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, pos)
+                cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+                at: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, at)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -255,9 +255,8 @@ class ARGenerator(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
         self.norm = nn.RMSNorm(width, eps=config.norm_eps)
         self.head = FlowHead(config.token_channels, width, config.head_width, config.head_depth)
-        cos, sin = rope_2d(config.grid, config.head_dim, config.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        for name, value in self.position_buffers().items():
+            self.register_buffer(name, value, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -270,6 +269,12 @@ class ARGenerator(nn.Module):
                     if getattr(sub, "bias", None) is not None:
                         nn.init.zeros_(sub.bias)
         self.head.reset_parameters()
+
+    def position_buffers(self) -> dict[str, torch.Tensor]:
+        """The tables computed from the config, not saved: the rotary cos/sin of every grid cell and the positions
+        of the KV cache (decoding masks them against the current one)."""
+        cos, sin = rope_2d(self.config.grid, self.config.head_dim, self.config.rope_theta)
+        return {"rope_cos": cos, "rope_sin": sin, "cache_positions": torch.arange(self.config.num_tokens)}
 
     @property
     def null_class(self) -> int:
@@ -312,9 +317,13 @@ class ARGenerator(nn.Module):
     def step(self, x: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One position: x (B, 1, W) (the input projection of token pos - 1) at `pos` (0-d long tensor) -> the
         normalised hidden state (B, W) that conditions token `pos`. Keys/values of [0, pos) come from `cache`."""
-        cos, sin = self.rope_cos.index_select(0, pos.view(1)), self.rope_sin.index_select(0, pos.view(1))
+        index = pos.view(1)
+        # what every layer shares, made once per step: the rotation at `pos` and the mask over the cache
+        cos = self.rope_cos.index_select(0, index).to(x.dtype)
+        sin = self.rope_sin.index_select(0, index).to(x.dtype)
+        at = (index, (self.cache_positions <= pos).view(1, 1, 1, -1))
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, (cache.k[i], cache.v[i]), pos)
+            x = block(x, cos, sin, (cache.k[i], cache.v[i]), at)
         return self.norm(x)[:, 0]
 
     def new_cache(self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None) -> KVCache:
@@ -411,8 +420,9 @@ class ARGenerator(nn.Module):
             model = cls(config)
         model = model.to_empty(device="cpu")
         checkpoint.load_state_strict(model, weights, str(folder / checkpoint.WEIGHTS_NAME))
-        cos, sin = rope_2d(config.grid, config.head_dim, config.rope_theta)
-        model.rope_cos, model.rope_sin = cos, sin
+        with torch.device("cpu"):
+            for name, value in model.position_buffers().items():  # to_empty left them uninitialised
+                setattr(model, name, value)
         return model.to(device=device, dtype=dtype).eval()
 
 

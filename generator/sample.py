@@ -90,7 +90,7 @@ def _compiled(model: ARGenerator) -> tuple[Callable[..., Any], Callable[..., Any
     cache = model.__dict__.setdefault("_compiled_fns", {})
     if "step" not in cache:
         cache["step"] = torch.compile(model.step, dynamic=False)
-        cache["head"] = torch.compile(model.head, dynamic=False)
+        cache["head"] = torch.compile(model.head.token_path, dynamic=False)
     return cache["step"], cache["head"]
 
 
@@ -115,7 +115,8 @@ def sample_latents(model: ARGenerator, labels: Sequence[int] | torch.Tensor, see
     guided = opts["cfg"] != 1.0
     rows = torch.cat([labels, torch.full_like(labels, model.null_class)]) if guided else labels
     rows = rows.to(device)
-    step_fn, head_fn = _compiled(model) if compile else (model.step, model.head)
+    step_fn, head_fn = _compiled(model) if compile else (model.step, model.head.token_path)
+    times = flow.time_grid(opts["steps"], device)
     out = torch.zeros(batch, n, channels, device=device, dtype=dtype)
     cache = model.new_cache(rows.numel()) if use_cache else None
     if cache is not None:
@@ -125,7 +126,8 @@ def sample_latents(model: ARGenerator, labels: Sequence[int] | torch.Tensor, see
             prefix = out[:, :i]
             hidden = model.hidden_states(model.inputs(rows, torch.cat([prefix, prefix]) if guided else prefix))[:, -1]
         scale = cfg_at(opts["cfg"], opts["cfg_schedule"], i, n)
-        token = _sample_token(model, head_fn, hidden, noise[:, i].to(device, dtype), scale, guided, opts)
+        token = _sample_token(model, head_fn, hidden, times, noise[:, i].to(device, dtype), scale, guided,
+                              opts["sampler"])
         out[:, i] = token
         if cache is not None and i + 1 < n:
             x = model.input_proj(token)
@@ -134,20 +136,21 @@ def sample_latents(model: ARGenerator, labels: Sequence[int] | torch.Tensor, see
     return out.float().cpu()
 
 
-def _sample_token(model: ARGenerator, head_fn: Callable[..., Any], hidden: torch.Tensor, x0: torch.Tensor,
-                  scale: float, guided: bool, opts: dict[str, Any]) -> torch.Tensor:
-    """Integrate the head's flow for one token of every sample; with `guided`, hidden holds the conditional rows
-    then the unconditional ones, and both run in one head pass per ODE evaluation."""
-    net = flow.as_velocity(lambda x, t: head_fn(x, t, hidden), model.config.prediction)
+def _sample_token(model: ARGenerator, token_path: Callable[..., Any], hidden: torch.Tensor, times: torch.Tensor,
+                  x0: torch.Tensor, scale: float, guided: bool, sampler: str) -> torch.Tensor:
+    """Integrate the head's flow over the grid `times` for one token of every sample. The head's condition terms
+    are computed once for the whole grid (`FlowHead.grid_modulations`); with `guided`, hidden holds the conditional
+    rows then the unconditional ones, and both run in one head pass per ODE evaluation."""
+    terms = model.head.grid_modulations(hidden, times)
+    net = flow.as_grid_velocity(lambda i, x: token_path(x, terms[i]), times, model.config.prediction)
     if not guided:
-        return flow.sample(net, x0, opts["steps"], opts["sampler"])
+        return flow.integrate(net, x0, times, sampler)
 
-    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        tt = t[:1].expand(2 * t.shape[0]) if t.stride(0) == 0 else torch.cat([t, t])
-        v_c, v_u = net(torch.cat([x, x]), tt).chunk(2)
+    def velocity(i: int, x: torch.Tensor) -> torch.Tensor:
+        v_c, v_u = net(i, torch.cat([x, x])).chunk(2)
         return v_u + scale * (v_c - v_u)
 
-    return flow.sample(velocity, x0, opts["steps"], opts["sampler"])
+    return flow.integrate(velocity, x0, times, sampler)
 
 
 @torch.no_grad()

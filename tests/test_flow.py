@@ -119,6 +119,27 @@ def test_shared_time_is_embedded_once_with_the_same_result():
     assert torch.allclose(head(x, shared, c), head(x, torch.full((5,), 0.3), c), atol=1e-6)
 
 
+@pytest.mark.parametrize("prediction", ["velocity", "data"])
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_the_head_on_a_time_grid_is_the_head(prediction: str, sampler: str) -> None:
+    """`FlowHead.on_grid` (the condition terms of every grid time computed once) gives the head's output at each grid
+    time, and integrating it (`flow.integrate`, `flow.as_grid_velocity`) gives what `flow.sample` gives."""
+    head = FlowHead(channels=6, cond_dim=4, width=8, depth=2)
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x, c = torch.randn(5, 6), torch.randn(5, 4)
+    times = flow.time_grid(4)
+    assert torch.equal(times, torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0]))
+    on_grid = head.on_grid(c, times)
+    outputs = [on_grid(i, x) for i in range(len(times))]
+    for i, out in enumerate(outputs):
+        torch.testing.assert_close(out, head(x, times[i].expand(5), c), atol=1e-5, rtol=1e-5)
+    assert (outputs[0] - outputs[-1]).abs().max() > 1e-2  # the time reaches the output
+    grid = flow.integrate(flow.as_grid_velocity(on_grid, times, prediction), x, times, sampler)
+    plain = flow.sample(flow.as_velocity(lambda x, t: head(x, t, c), prediction), x, 4, sampler)
+    torch.testing.assert_close(grid, plain, atol=1e-5, rtol=1e-5)
+
+
 def test_default_time_stream_is_the_releases():
     """t0_prob = 0 draws no extra random numbers: same times, same stream after them, as before the option."""
     cfg = flow.FlowConfig()

@@ -14,8 +14,9 @@ import uniflow.flow_head
 from generator.fingerprint import tokenizer_fingerprint
 from generator.model import ARGenerator, GeneratorConfig, count_parameters
 from generator.presets import LLAMAGEN_CODEBOOK, PUBLISHED_TOTALS, get_preset
-from generator.sample import _sample_token, resolve_options, sample_images, sample_latents
+from generator.sample import _sample_token, sample_images, sample_latents
 from tests.helpers import tiny_tokenizer_config
+from uniflow import flow
 from uniflow.errors import CheckpointError, ConfigError, OutputError
 from uniflow.latent_stats import LatentStats
 from uniflow.tokenizer import UniFlowTokenizer
@@ -75,14 +76,14 @@ def test_kv_cache_sampling_equals_recomputing_the_prefix(cfg: float) -> None:
 
 def test_cfg_scale_one_is_the_conditional_model_and_zero_the_unconditional() -> None:
     model = randomized(tiny_config(), seed=1)
-    opts = resolve_options(model.config, cfg=1.0, steps=4)
+    times, path = flow.time_grid(4), model.head.token_path
     hidden = torch.randn(6, 32)  # rows 0-2 conditional, rows 3-5 their unconditional twins
     x0 = torch.randn(3, 16)
-    batched = _sample_token(model, model.head, hidden, x0, 1.0, True, opts)  # the one-pass guided path, scale 1
-    conditional = _sample_token(model, model.head, hidden[:3], x0, 1.0, False, opts)
-    unconditional = _sample_token(model, model.head, hidden[3:], x0, 1.0, False, opts)
+    batched = _sample_token(model, path, hidden, times, x0, 1.0, True, "euler")  # the one-pass guided path, scale 1
+    conditional = _sample_token(model, path, hidden[:3], times, x0, 1.0, False, "euler")
+    unconditional = _sample_token(model, path, hidden[3:], times, x0, 1.0, False, "euler")
     torch.testing.assert_close(batched, conditional, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(_sample_token(model, model.head, hidden, x0, 0.0, True, opts), unconditional,
+    torch.testing.assert_close(_sample_token(model, path, hidden, times, x0, 0.0, True, "euler"), unconditional,
                                atol=1e-5, rtol=1e-5)
     assert (conditional - unconditional).abs().max() > 1e-2
     # Whole samples: scale 1 (either schedule) is the conditional model; scale 0 is the null class's samples.

@@ -25,6 +25,10 @@ from uniflow.errors import ConfigError
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """v(x_t, t) with t of shape (B,) in [0, 1]; the condition is bound inside the closure."""
 
+GridVelocityFn = Callable[[int, torch.Tensor], torch.Tensor]
+"""v(i, x_t): the velocity at the i-th time of the sampler's grid (`time_grid`). A network that knows it is only
+evaluated on the grid can compute once what depends on the time and the condition alone (`FlowHead.on_grid`)."""
+
 SAMPLERS = ("euler", "heun")
 PREDICTIONS = ("velocity", "data")
 DATA_MIN_GAP = 0.05  # 1 - t is clamped here when a data prediction becomes a velocity (t -> 1 would divide by 0)
@@ -105,6 +109,19 @@ def as_velocity(net: VelocityFn, prediction: str = "velocity") -> VelocityFn:
     return velocity
 
 
+def as_grid_velocity(net: GridVelocityFn, times: torch.Tensor, prediction: str = "velocity") -> GridVelocityFn:
+    """`as_velocity` for a network evaluated on the grid `times`: the same conversion of a data prediction."""
+    check_prediction(prediction)
+    if prediction == "velocity":
+        return net
+    gaps = (1 - times).clamp_min(DATA_MIN_GAP)
+
+    def velocity(i: int, x: torch.Tensor) -> torch.Tensor:
+        return (net(i, x) - x) / gaps[i].to(x.dtype)
+
+    return velocity
+
+
 def flow_matching_loss(velocity: VelocityFn, x1: torch.Tensor, config: FlowConfig,
                        generator: torch.Generator | None = None, weight: torch.Tensor | None = None,
                        prediction: str = "velocity") -> torch.Tensor:
@@ -140,25 +157,38 @@ def guided(cond: VelocityFn, uncond: VelocityFn, scale: float) -> VelocityFn:
     return velocity
 
 
+def time_grid(steps: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The samplers' uniform grid: steps + 1 times from 0 (noise) to 1 (data)."""
+    return torch.linspace(0.0, 1.0, steps + 1, device=device)
+
+
 @torch.no_grad()
 def sample(velocity: VelocityFn, x0: torch.Tensor, steps: int = 1, sampler: str = "euler") -> torch.Tensor:
-    """Integrate dx/dt = v(x, t) from t = 0 (noise x0) to t = 1 on a uniform grid.
+    """Integrate dx/dt = v(x, t) from t = 0 (noise x0) to t = 1 on a uniform grid (`integrate`)."""
+    check_sampler(sampler, steps)
+    times = time_grid(steps, x0.device)
+    batch = x0.shape[0]
+    return integrate(lambda i, x: velocity(x, times[i].expand(batch)), x0, times, sampler)
+
+
+@torch.no_grad()
+def integrate(velocity: GridVelocityFn, x0: torch.Tensor, times: torch.Tensor, sampler: str = "euler"
+              ) -> torch.Tensor:
+    """Integrate dx/dt = v(i, x) over the grid `times` (`time_grid`), v(i, .) being the velocity at times[i].
 
     Euler: x += dt v(x, t). Heun (2nd order): predictor-corrector, with the last step falling back to Euler-free
     averaging too since v is defined at t = 1 for this parameterisation.
     """
-    check_sampler(sampler, steps)
+    check_sampler(sampler, len(times) - 1)
     x = x0
-    times = torch.linspace(0.0, 1.0, steps + 1, device=x0.device)
-    batch = x0.shape[0]
-    for i in range(steps):
-        t, t_next = times[i], times[i + 1]
-        dt = (t_next - t).to(x.dtype)
-        v = velocity(x, t.expand(batch))
+    dts = times.diff().to(x.dtype)
+    for i in range(len(times) - 1):
+        dt = dts[i]
+        v = velocity(i, x)
         if sampler == "euler":
             x = x + dt * v
         else:
             x_pred = x + dt * v
-            v_next = velocity(x_pred, t_next.expand(batch))
+            v_next = velocity(i + 1, x_pred)
             x = x + dt * 0.5 * (v + v_next)
     return x

@@ -7,6 +7,7 @@ It serves both the tokenizer (one flow per image patch, conditioned on the globa
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,11 +38,6 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x * (1 + scale) + shift, in two fused element-wise passes."""
-    return torch.addcmul(shift, x, 1 + scale)
-
-
 class AdaLNResBlock(nn.Module):
     """LayerNorm -> adaLN shift/scale -> Linear-SiLU-Linear -> gated residual.
 
@@ -54,9 +50,18 @@ class AdaLNResBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         self.ada = nn.Linear(width, 3 * width)
 
-    def forward(self, x: torch.Tensor, y_act: torch.Tensor) -> torch.Tensor:
+    def modulation(self, y_act: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(shift, 1 + scale, gate) for SiLU(y): everything the block takes from the condition."""
         shift, scale, gate = self.ada(y_act).chunk(3, dim=-1)
-        return torch.addcmul(x, gate, self.mlp(modulate(self.norm(x), shift, scale)))
+        return shift, 1 + scale, gate
+
+    def modulated(self, x: torch.Tensor, shift: torch.Tensor, scale1: torch.Tensor, gate: torch.Tensor
+                  ) -> torch.Tensor:
+        """x + gate * MLP(LayerNorm(x) * (1 + scale) + shift), each modulation one fused element-wise pass."""
+        return torch.addcmul(x, gate, self.mlp(torch.addcmul(shift, self.norm(x), scale1)))
+
+    def forward(self, x: torch.Tensor, y_act: torch.Tensor) -> torch.Tensor:
+        return self.modulated(x, *self.modulation(y_act))
 
 
 class FinalLayer(nn.Module):
@@ -68,9 +73,16 @@ class FinalLayer(nn.Module):
         self.ada = nn.Linear(width, 2 * width)
         self.linear = nn.Linear(width, out_channels)
 
-    def forward(self, x: torch.Tensor, y_act: torch.Tensor) -> torch.Tensor:
+    def modulation(self, y_act: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(shift, 1 + scale) for SiLU(y)."""
         shift, scale = self.ada(y_act).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm(x), shift, scale))
+        return shift, 1 + scale
+
+    def modulated(self, x: torch.Tensor, shift: torch.Tensor, scale1: torch.Tensor) -> torch.Tensor:
+        return self.linear(torch.addcmul(shift, self.norm(x), scale1))
+
+    def forward(self, x: torch.Tensor, y_act: torch.Tensor) -> torch.Tensor:
+        return self.modulated(x, *self.modulation(y_act))
 
 
 class FlowHead(nn.Module):
@@ -108,13 +120,35 @@ class FlowHead(nn.Module):
         nn.init.zeros_(self.final.linear.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        h = self.input_proj(x)
         if t.ndim == 1 and t.numel() > 1 and t.stride(0) == 0:
             # one time shared by every token (the samplers pass t.expand(M)): embed it once
             t_emb = self.time_embed(t[:1]).expand(t.shape[0], -1)
         else:
             t_emb = self.time_embed(t)
-        y_act = F.silu(t_emb + self.cond_embed(cond))
-        for block in self.blocks:
-            h = block(h, y_act)
-        return self.final(h, y_act)
+        return self.token_path(x, self.modulations(F.silu(t_emb + self.cond_embed(cond))))
+
+    def modulations(self, y_act: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """Every block's and the final layer's adaLN terms for SiLU(y) (the part of the head that sees no token)."""
+        return [block.modulation(y_act) for block in self.blocks] + [self.final.modulation(y_act)]
+
+    def token_path(self, x: torch.Tensor, modulations: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+        """The head's output for tokens x under precomputed `modulations`."""
+        h = self.input_proj(x)
+        for block, terms in zip(self.blocks, modulations[:-1], strict=True):
+            h = block.modulated(h, *terms)
+        return self.final.modulated(h, *modulations[-1])
+
+    def grid_modulations(self, cond: torch.Tensor, times: torch.Tensor) -> list[list[tuple[torch.Tensor, ...]]]:
+        """`modulations` for conditions cond (M, cond_dim) at each time of a sampler's grid (S,), computed in one
+        batched pass: element i serves `token_path` at times[i]. They depend on no token, so a sampler that
+        evaluates the head only on its grid (`uniflow.flow.integrate`) computes them once per condition, and each
+        ODE evaluation runs only the token path: that skips the time MLP and the adaLN projections, most of a narrow
+        head's weights (generating one token evaluates the head `steps` times)."""
+        y_act = F.silu(self.time_embed(times)[:, None] + self.cond_embed(cond)[None])  # (S, M, width)
+        unbound = [[term.unbind(0) for term in terms] for terms in self.modulations(y_act)]
+        return [[tuple(term[i] for term in terms) for terms in unbound] for i in range(len(times))]
+
+    def on_grid(self, cond: torch.Tensor, times: torch.Tensor) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        """The head as f(i, x) = forward(x, times[i], cond), with `grid_modulations` computed once."""
+        by_time = self.grid_modulations(cond, times)
+        return lambda i, x: self.token_path(x, by_time[i])
