@@ -40,11 +40,13 @@ class ProjectorConfig:
     (InternVL: each 2x2 block of tokens concatenated, LayerNorm, then the MLP: 4x fewer positions).
     hidden: the MLP's hidden width (null: the LLM's width).
     position_embedding: add a learned vector per visual position to the output (the 2-D place of each token; see
-    `mllm.projector`)."""
+    `mllm.projector`).
+    sincos_position: add a fixed 2-D sin-cos embedding of each position to the MLP's input (after the LayerNorm)."""
 
     type: str = "mlp"
     hidden: int | None = None
     position_embedding: bool = False
+    sincos_position: bool = False
 
     def __post_init__(self) -> None:
         check_choice("type", self.type, PROJECTORS)

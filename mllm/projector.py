@@ -9,6 +9,10 @@ With `position_embedding`, a learned vector per visual position (zero at the sta
 output, so each visual token states its 2-D place rather than leaving the LLM to infer it from the run's order. On
 the ShapeWorld MLLM it did not change position answers (51.5% -> 53.0%): zero at the start, its vectors grew to
 only ~1% of the projected tokens' norm (docs/results.md), so they never carried a usable signal; it stays an option.
+
+With `sincos_position`, a fixed 2-D sin-cos embedding (`uniflow.pos_embed.sincos_2d`, values in [-1, 1]) is added to
+the MLP's input, after the pixel shuffle's LayerNorm: each merged token enters the MLP with its place at the same
+per-channel scale as its content, so the place is a signal from the first step. Being fixed, it holds for any grid.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from torch import nn
 
 from mllm.config import ProjectorConfig
 from uniflow.errors import ImageInputError
+from uniflow.pos_embed import sincos_2d
 
 
 def pixel_shuffle(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -62,6 +67,14 @@ class Projector(nn.Module):
             if grid is None:
                 raise ValueError("Projector: position_embedding needs the encoder's grid")
             self.position = nn.Parameter(torch.zeros(num_visual_tokens(config.type, grid), llm_width))
+        self.sincos_position = config.sincos_position
+        if self.sincos_position and width_in % 4:
+            raise ValueError(f"Projector: sincos_position needs an input width divisible by 4, got {width_in}")
+
+    def place_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
+        """The grid of the projector's output positions (half each side after the pixel shuffle)."""
+        rows, cols = grid
+        return (rows // 2, cols // 2) if self.type == "pixel_shuffle" else (rows, cols)
 
     def num_tokens(self, grid: tuple[int, int]) -> int:
         """LLM positions one image of this encoder grid takes."""
@@ -73,5 +86,8 @@ class Projector(nn.Module):
                                   f"grid, got {grid[0]}x{grid[1]} (images must be the encoder's native size)")
         if self.type == "pixel_shuffle":
             tokens = pixel_shuffle(tokens, grid)
-        out = self.fc2(self.act(self.fc1(self.norm(tokens))))
+        tokens = self.norm(tokens)
+        if self.sincos_position:
+            tokens = tokens + sincos_2d(tokens.shape[-1], self.place_grid(grid)).to(tokens.device, tokens.dtype)
+        out = self.fc2(self.act(self.fc1(tokens)))
         return out if self.position is None else out + self.position.to(out.dtype)

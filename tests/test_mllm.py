@@ -151,6 +151,37 @@ def test_position_embedding_tells_the_visual_positions_apart(projector: str) -> 
         placed(torch.randn(1, 36, 8), (6, 6))
 
 
+@pytest.mark.parametrize("projector", ["mlp", "pixel_shuffle"])
+def test_sincos_position_tells_the_visual_positions_apart_from_the_start(projector: str) -> None:
+    """Equal encoder tokens at every grid cell: with the fixed sin-cos embedding at the MLP's input, every visual
+    position gets its own LLM embedding before any training, on the native grid and on another one; the weights
+    are those of the projector without it (nothing to save or load)."""
+    from mllm.projector import Projector
+    from uniflow.pos_embed import sincos_2d
+
+    grid = (4, 4)
+    torch.manual_seed(0)
+    plain = Projector(ProjectorConfig(type=projector), 8, 12, grid)
+    torch.manual_seed(0)
+    placed = Projector(ProjectorConfig(type=projector, sincos_position=True), 8, 12, grid)
+    assert placed.state_dict().keys() == plain.state_dict().keys()
+    tokens = torch.randn(1, 1, 8).expand(2, 16, 8)
+    n = 4 if projector == "pixel_shuffle" else 16
+    with torch.no_grad():
+        out = placed(tokens, grid)
+        assert all(not torch.allclose(out[0, i], out[0, j]) for i in range(n) for j in range(i))
+        place = sincos_2d(32 if projector == "pixel_shuffle" else 8, (2, 2) if projector == "pixel_shuffle" else grid)
+        expected = plain.fc2(plain.act(plain.fc1(plain.norm(placed_input(tokens, projector, grid)) + place)))
+        torch.testing.assert_close(out, expected)
+        assert placed(torch.randn(1, 36, 8), (6, 6)).shape == (1, 9 if projector == "pixel_shuffle" else 36, 12)
+
+
+def placed_input(tokens: torch.Tensor, projector: str, grid: tuple[int, int]) -> torch.Tensor:
+    from mllm.projector import pixel_shuffle
+
+    return pixel_shuffle(tokens, grid) if projector == "pixel_shuffle" else tokens
+
+
 def test_text_only_conversations_are_mixed_in_at_the_ratio(tmp_path: Path, shared_tokenizer: Any,
                                                            llm_dirs: dict[str, Path]) -> None:
     """MixedConversations replaces about `ratio` of the items by text-only ones, the same ones on every read."""
