@@ -13,6 +13,9 @@ only ~1% of the projected tokens' norm (docs/results.md), so they never carried 
 With `sincos_position`, a fixed 2-D sin-cos embedding (`uniflow.pos_embed.sincos_2d`, values in [-1, 1]) is added to
 the MLP's input, after the pixel shuffle's LayerNorm: each merged token enters the MLP with its place at the same
 per-channel scale as its content, so the place is a signal from the first step. Being fixed, it holds for any grid.
+On the ShapeWorld MLLM it helped stage 1 (caption held-out loss 0.62 against 0.74) but not the answers: 74.0% of the
+200 held-out questions of the training's own evaluation against 81.5%, position 42.5% against 55.0% (docs/results.md),
+so the shipped recipe keeps the learned embedding; it stays an option.
 """
 
 from __future__ import annotations
