@@ -186,10 +186,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-                at: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Causal self-attention over x (B, L, W) at positions [0, L); with `cache` and `at` = (index (1,), mask
-        over the cache's positions; `ARGenerator.step`), x is the one position `index` and the keys/values of
-        [0, index) come from the cache. Prefill (cache, at None) writes positions [0, L) into the cache."""
+                at: tuple[torch.Tensor, torch.Tensor | int] | None = None) -> torch.Tensor:
+        """Causal self-attention over x (B, L, W) at positions [0, L); with `cache` and `at` = (index (1,), either a
+        mask over the cache's positions or the number of filled positions; `ARGenerator.step`), x is the one
+        position `index` and the keys/values of [0, index) come from the cache. Prefill (cache, at None) writes
+        positions [0, L) into the cache."""
         b, length, width = x.shape
         qkv = self.qkv(x).view(b, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(qkv[:2], cos, sin)  # queries and keys rotated in one pass
@@ -201,10 +202,13 @@ class Attention(nn.Module):
             cache[1][:, :, :length] = v
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            index, mask = at
+            index, visible = at
             cache[0].index_copy_(2, index, k)
             cache[1].index_copy_(2, index, v)
-            out = F.scaled_dot_product_attention(q, cache[0], cache[1], attn_mask=mask)
+            if isinstance(visible, int):
+                out = F.scaled_dot_product_attention(q, cache[0][:, :, :visible], cache[1][:, :, :visible])
+            else:
+                out = F.scaled_dot_product_attention(q, cache[0], cache[1], attn_mask=visible)
         return self.proj(out.transpose(1, 2).reshape(b, length, width))
 
 
@@ -231,7 +235,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-                at: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                at: tuple[torch.Tensor, torch.Tensor | int] | None = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, at)
         return x + self.ffn(self.ffn_norm(x))
 
@@ -314,14 +318,19 @@ class ARGenerator(nn.Module):
             x = block(x, cos, sin, None if cache is None else (cache.k[i], cache.v[i]))
         return self.norm(x)
 
-    def step(self, x: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def step(self, x: torch.Tensor, pos: torch.Tensor, cache: KVCache, filled: int | None = None) -> torch.Tensor:
         """One position: x (B, 1, W) (the input projection of token pos - 1) at `pos` (0-d long tensor) -> the
-        normalised hidden state (B, W) that conditions token `pos`. Keys/values of [0, pos) come from `cache`."""
+        normalised hidden state (B, W) that conditions token `pos`. Keys/values of [0, pos) come from `cache`.
+
+        filled: pos + 1 as a Python int, when the caller has it (eager decoding): attention then reads only the
+        cache's filled positions, a view of it (no copy), about half the cache's memory traffic over a sequence,
+        which is most of a step's time at large batches. None attends over the whole cache under a mask: the same
+        shapes at every step, one graph for `torch.compile`."""
         index = pos.view(1)
         # what every layer shares, made once per step: the rotation at `pos` and the mask over the cache
         cos = self.rope_cos.index_select(0, index).to(x.dtype)
         sin = self.rope_sin.index_select(0, index).to(x.dtype)
-        at = (index, (self.cache_positions <= pos).view(1, 1, 1, -1))
+        at = (index, (self.cache_positions <= pos).view(1, 1, 1, -1) if filled is None else filled)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, (cache.k[i], cache.v[i]), at)
         return self.norm(x)[:, 0]

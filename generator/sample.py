@@ -1,7 +1,8 @@
 """Sampling from an `ARGenerator`, apart from the model (LlamaGen keeps its sampling loop apart the same way).
 
 - **Prefill + static KV cache**: the class position is prefilled, then one position per token; keys and values live
-  in a cache allocated once (`generator.model.KVCache`), so no step allocates or changes shapes.
+  in a cache allocated once (`generator.model.KVCache`), so no step allocates. Eager steps attend over a view of
+  its filled positions; compiled ones over all of it under a mask, so their shapes never change (one graph).
   `use_cache=False` recomputes the whole prefix for every token instead (the reference the tests and the benchmark
   compare against).
 - **Classifier-free guidance** as one batched pass: the conditional rows and the null-class rows run together through
@@ -132,7 +133,8 @@ def sample_latents(model: ARGenerator, labels: Sequence[int] | torch.Tensor, see
         if cache is not None and i + 1 < n:
             x = model.input_proj(token)
             x = torch.cat([x, x]) if guided else x
-            hidden = step_fn(x[:, None], torch.tensor(i + 1, device=device), cache)
+            filled = None if compile else i + 2  # eager: attend over the filled cache positions only
+            hidden = step_fn(x[:, None], torch.tensor(i + 1, device=device), cache, filled)
     return out.float().cpu()
 
 

@@ -74,6 +74,23 @@ def test_kv_cache_sampling_equals_recomputing_the_prefix(cfg: float) -> None:
     assert (cached - noise).abs().max() > 1e-2
 
 
+def test_a_decoding_step_over_the_filled_cache_equals_the_masked_full_cache() -> None:
+    """The eager step reads a view of the filled positions; the compile-friendly one all of them under a mask."""
+    model = randomized(tiny_config(), seed=4)
+    labels = torch.tensor([0, 3])
+    caches = [model.new_cache(2), model.new_cache(2)]
+    with torch.no_grad():
+        for cache in caches:
+            model.hidden_states(model.inputs(labels, None), cache)
+        for pos in range(1, 6):
+            x = model.input_proj(torch.randn(2, 16, generator=torch.Generator().manual_seed(pos)))[:, None]
+            viewed = model.step(x, torch.tensor(pos), caches[0], pos + 1)
+            masked = model.step(x, torch.tensor(pos), caches[1])
+            torch.testing.assert_close(viewed, masked, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(caches[0].k, caches[1].k, atol=1e-5, rtol=1e-5)
+    assert caches[0].k[:, :, :, 6:].abs().max() == 0 and caches[0].k[:, :, :, 5].abs().max() > 0
+
+
 def test_cfg_scale_one_is_the_conditional_model_and_zero_the_unconditional() -> None:
     model = randomized(tiny_config(), seed=1)
     times, path = flow.time_grid(4), model.head.token_path
