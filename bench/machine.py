@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from uniflow.precision import cpu_flags
+
 PRECISIONS = ("fp32", "bf16")
 """fp32: plain float32. bf16: float32 weights and inputs under `torch.autocast(dtype=torch.bfloat16)`."""
 
@@ -40,15 +42,8 @@ def _cpu_name() -> str:
 def _cpu_flags() -> list[str]:
     """The ISA extensions that decide GEMM speed (AVX-512, its bf16 instructions, AMX), if the kernel lists them."""
     wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    present = set(line.split(":", 1)[1].split())
-                    return [flag for flag in wanted if flag in present]
-    except OSError:
-        pass
-    return []
+    present = cpu_flags()
+    return [flag for flag in wanted if flag in present]
 
 
 def busy_cores(interval: float = 1.0) -> float | None:

@@ -41,12 +41,15 @@ class ProjectorConfig:
     hidden: the MLP's hidden width (null: the LLM's width).
     position_embedding: add a learned vector per visual position to the output (the 2-D place of each token; see
     `mllm.projector`).
-    sincos_position: add a fixed 2-D sin-cos embedding of each position to the MLP's input (after the LayerNorm)."""
+    sincos_position: add a fixed 2-D sin-cos embedding of each position to the MLP's input (after the LayerNorm).
+    place_words: add to each output the LLM's own embeddings of its place words ("top left", ...; `mllm.places`), at a
+    learned fraction (0.5 at the start) of the token's norm."""
 
     type: str = "mlp"
     hidden: int | None = None
     position_embedding: bool = False
     sincos_position: bool = False
+    place_words: bool = False
 
     def __post_init__(self) -> None:
         check_choice("type", self.type, PROJECTORS)
@@ -101,7 +104,9 @@ class MLLMConfig(KindConfig):
     system_prompt: the system message of every conversation (null: the chat template's default, "" an empty one);
     training and inference use the same. max_length: longest token sequence (visual tokens included) a training
     sample may have; longer ones are cut on the right (never inside an image). autocast: "bf16" runs the forward under
-    bf16 autocast with fp32 weights (faster on CPUs with bf16 units); null: the weights' dtype."""
+    bf16 autocast with fp32 weights where the device computes bf16 natively (a GPU, or a CPU with AVX-512 BF16 or
+    AMX: ~1.4x faster there); elsewhere fp32, with a warning (emulated bf16 is many times slower); null: the
+    weights' dtype."""
 
     MODEL_KIND = MODEL_KIND
 

@@ -33,11 +33,13 @@ from torch import nn
 
 from mllm.config import MODEL_KIND, MLLMConfig
 from mllm.llm import base_record, context_length, llm_width, load_llm, load_tokenizer, probe, same_probe
+from mllm.places import place_vectors
 from mllm.projector import Projector
 from mllm.prompting import IGNORE_INDEX, IMAGE_TOKEN_ID, ChatFormat, EncodedConversation
 from uniflow.checkpoint import CONFIG_NAME, check_destination, check_dtype, check_finite, load_state_strict
 from uniflow.configs import check_int, check_number
 from uniflow.errors import CheckpointError, ConfigError, ImageInputError
+from uniflow.precision import bf16_autocast_enabled
 
 PROJECTOR_WEIGHTS = "projector.safetensors"
 ENCODER_WEIGHTS = "encoder.safetensors"
@@ -124,8 +126,11 @@ class UniFlowChat(nn.Module):
             model = cls(config, encoder, llm, tokenizer)
         if not meta:
             if load_llm_weights:
-                model.base = base_record(config.llm, model.causal_lm.config,
-                                         model.causal_lm.get_input_embeddings().weight)
+                embedding = model.causal_lm.get_input_embeddings().weight
+                model.base = base_record(config.llm, model.causal_lm.config, embedding)
+                if config.projector.place_words:  # otherwise the training engine sets them from the real weights
+                    model.projector.set_places(place_vectors(tokenizer, embedding,
+                                                             model.projector.place_grid(model.grid)))
             model.encoder_record = encoder_probe(encoder) if load_encoder_weights else None
         model.set_trainable()
         return model
@@ -199,8 +204,10 @@ class UniFlowChat(nn.Module):
         return embeds.masked_scatter(is_image.unsqueeze(-1), visual.reshape(-1, visual.shape[-1]))
 
     def _autocast(self) -> Any:
-        enabled = self.config.autocast == "bf16"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+        """bf16 autocast when the config asks for it and the device computes bf16 natively (`uniflow.precision`)."""
+        device = self.device
+        enabled = bf16_autocast_enabled(self.config.autocast == "bf16", device, "model.autocast")
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
     # ------------------------------------------------------------------------------------------------ training
     def forward(self, batch: dict[str, torch.Tensor], mode: str = "loss") -> dict[str, Any]:
