@@ -16,6 +16,11 @@ per-channel scale as its content, so the place is a signal from the first step. 
 On the ShapeWorld MLLM it helped stage 1 (caption held-out loss 0.62 against 0.74) but not the answers: 74.0% of the
 200 held-out questions of the training's own evaluation against 81.5%, position 42.5% against 55.0% (docs/results.md),
 so the shipped recipe keeps the learned embedding; it stays an option.
+
+With `place_words`, each output gets the LLM's own input embeddings of its place words (`mllm.places`: "top",
+"middle", "bottom" and "left", "center", "right", mixed by the position's share of each third of the image), scaled
+to a learned fraction of that token's norm (0.5 at the start): the place in a form the LLM can copy into an answer.
+The vectors come from the base LLM when the model is built (`set_places`) and are saved with the projector.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ import torch
 from torch import nn
 
 from mllm.config import ProjectorConfig
-from uniflow.errors import ImageInputError
+from uniflow.errors import CheckpointError, ImageInputError
 from uniflow.pos_embed import sincos_2d
+
+PLACE_SCALE_INIT = 0.5  # the place words' share of a visual token's norm at the start (`place_words`)
 
 
 def pixel_shuffle(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -71,6 +78,15 @@ class Projector(nn.Module):
                 raise ValueError("Projector: position_embedding needs the encoder's grid")
             self.position = nn.Parameter(torch.zeros(num_visual_tokens(config.type, grid), llm_width))
         self.sincos_position = config.sincos_position
+        self.place_scale: nn.Parameter | None = None
+        self._places_checked = False
+        if config.place_words and grid is None:
+            raise ValueError("Projector: place_words needs the encoder's grid")
+        places = torch.zeros(num_visual_tokens(config.type, grid), llm_width) if config.place_words else None
+        self.register_buffer("place", places)
+        if config.place_words:
+            # 1-d: DeepSpeed cannot broadcast a 0-d parameter
+            self.place_scale = nn.Parameter(torch.full((1,), PLACE_SCALE_INIT))
         if self.sincos_position and width_in % 4:
             raise ValueError(f"Projector: sincos_position needs an input width divisible by 4, got {width_in}")
 
@@ -83,8 +99,28 @@ class Projector(nn.Module):
         """LLM positions one image of this encoder grid takes."""
         return num_visual_tokens(self.type, grid)
 
+    def set_places(self, vectors: torch.Tensor) -> None:
+        """The place-word vectors of every output position (`mllm.places.place_vectors` of the base LLM)."""
+        if self.place is None:
+            raise ValueError("Projector: set_places needs place_words in the config")
+        if tuple(vectors.shape) != tuple(self.place.shape):
+            raise ValueError(f"Projector: place vectors of shape {tuple(vectors.shape)}, expected "
+                             f"{tuple(self.place.shape)}")
+        with torch.no_grad():
+            self.place.copy_(vectors.to(self.place.device, self.place.dtype))
+
+    def add_places(self, out: torch.Tensor) -> torch.Tensor:
+        """out + place words at `place_scale` times each token's RMS (the RMS is a scale, not a path for gradients)."""
+        if not self._places_checked:
+            if not bool(self.place.any()):
+                raise CheckpointError("projector: place_words is on but its place vectors were never set (build the "
+                                      "model with its base LLM's embeddings, or load a projector saved with them)")
+            self._places_checked = True
+        rms = out.detach().float().pow(2).mean(-1, keepdim=True).sqrt()
+        return out + (self.place_scale * rms).to(out.dtype) * self.place.to(out.dtype)
+
     def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        if self.position is not None and tuple(grid) != tuple(self.grid):
+        if (self.position is not None or self.place is not None) and tuple(grid) != tuple(self.grid):
             raise ImageInputError(f"projector: its position embedding is for a {self.grid[0]}x{self.grid[1]} token "
                                   f"grid, got {grid[0]}x{grid[1]} (images must be the encoder's native size)")
         if self.type == "pixel_shuffle":
@@ -93,4 +129,6 @@ class Projector(nn.Module):
         if self.sincos_position:
             tokens = tokens + sincos_2d(tokens.shape[-1], self.place_grid(grid)).to(tokens.device, tokens.dtype)
         out = self.fc2(self.act(self.fc1(tokens)))
-        return out if self.position is None else out + self.position.to(out.dtype)
+        if self.position is not None:
+            out = out + self.position.to(out.dtype)
+        return out if self.place is None else self.add_places(out)

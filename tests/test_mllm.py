@@ -31,9 +31,10 @@ def llm_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def make_model(vision_dir: Path, llm_dir: Path, projector: str = "mlp", tuning: str = "none",
-               position_embedding: bool = False, **overrides: Any) -> UniFlowChat:
+               position_embedding: bool = False, place_words: bool = False, **overrides: Any) -> UniFlowChat:
     config = MLLMConfig(vision=VisionConfig(tokenizer=str(vision_dir)),
-                        projector=ProjectorConfig(type=projector, position_embedding=position_embedding),
+                        projector=ProjectorConfig(type=projector, position_embedding=position_embedding,
+                                                  place_words=place_words),
                         llm=LLMConfig(path=str(llm_dir)), llm_tuning=tuning, **overrides)
     torch.manual_seed(0)
     return UniFlowChat.from_config(config).eval()
@@ -176,6 +177,60 @@ def test_sincos_position_tells_the_visual_positions_apart_from_the_start(project
         assert placed(torch.randn(1, 36, 8), (6, 6)).shape == (1, 9 if projector == "pixel_shuffle" else 36, 12)
 
 
+def test_third_weights_share_each_cell_among_the_thirds_of_the_image() -> None:
+    from mllm.places import third_weights
+
+    for cells in (1, 2, 3, 4, 5, 8, 16):
+        weights = third_weights(cells)
+        assert weights.shape == (cells, 3) and bool((weights >= 0).all())
+        torch.testing.assert_close(weights.sum(1), torch.ones(cells))
+        torch.testing.assert_close(weights.sum(0), torch.full((3,), cells / 3))  # each third is covered once
+    torch.testing.assert_close(third_weights(3), torch.eye(3))
+    # 4 cells of a 64-px side (16 px each) against thirds at 21.3 and 42.7 px
+    torch.testing.assert_close(third_weights(4), torch.tensor([[1, 0, 0], [1 / 3, 2 / 3, 0], [0, 2 / 3, 1 / 3],
+                                                               [0, 0, 1]]))
+
+
+@pytest.mark.parametrize("projector", ["mlp", "pixel_shuffle"])
+def test_place_words_give_each_visual_position_its_place_words_from_the_start(
+        projector: str, shared_tokenizer: Any, llm_dirs: dict[str, Path]) -> None:
+    """Each visual position carries the base LLM's own embeddings of its place words ("top" + "left" for the
+    top-left corner), at half the content's norm at the start; equal encoder tokens everywhere then give every
+    position its own LLM embedding. A projector whose place words were never set refuses to run."""
+    from mllm.places import COLUMN_WORDS, ROW_WORDS, third_weights, word_vector
+    from mllm.projector import Projector
+
+    model = make_model(shared_tokenizer[1], llm_dirs["llama3"], projector, place_words=True)
+    embedding = model.causal_lm.get_input_embeddings().weight
+    side = model.projector.place_grid(model.grid)[0]
+    n = side * side
+    assert model.projector.place.shape == (n, embedding.shape[1])
+
+    def unit(v: torch.Tensor) -> torch.Tensor:
+        return v / v.pow(2).mean().sqrt()
+
+    rows = torch.stack([word_vector(model.tokenizer, embedding, w) for w in ROW_WORDS])
+    cols = torch.stack([word_vector(model.tokenizer, embedding, w) for w in COLUMN_WORDS])
+    # the first row of cells: all "top" on a grid of 3 or more a side, two thirds "top" and one third "middle" on 2
+    share = third_weights(side)
+    assert share[0, 0] == (1.0 if side >= 3 else 2 / 3)
+    for r, c in [(0, 0), (0, side - 1), (side - 1, 0), (side - 1, side - 1), (side // 2, side // 2)]:
+        torch.testing.assert_close(model.projector.place[r * side + c], unit(share[r] @ rows + share[c] @ cols))
+
+    tokens = torch.randn(1, 1, model.encoder.width).expand(2, model.grid[0] * model.grid[1], -1)
+    with torch.no_grad():
+        out = model.projector(tokens, model.grid)
+        content = model.projector.fc2(model.projector.act(model.projector.fc1(
+            model.projector.norm(placed_input(tokens, projector, model.grid)))))
+        added = out - content
+        torch.testing.assert_close(added.pow(2).mean(-1).sqrt(), 0.5 * content.pow(2).mean(-1).sqrt())
+    assert all(not torch.allclose(out[0, i], out[0, j]) for i in range(n) for j in range(i))
+
+    unset = Projector(ProjectorConfig(type=projector, place_words=True), 8, 12, (4, 4))
+    with pytest.raises(CheckpointError, match="place vectors were never set"):
+        unset(torch.randn(1, 16, 8), (4, 4))
+
+
 def placed_input(tokens: torch.Tensor, projector: str, grid: tuple[int, int]) -> torch.Tensor:
     from mllm.projector import pixel_shuffle
 
@@ -305,8 +360,9 @@ def test_generation_stops_at_the_end_of_turn_token(shared_tokenizer: Any, llm_di
 
 def test_projector_folder_round_trip_and_refusals(tmp_path: Path, shared_tokenizer: Any,
                                                   llm_dirs: dict[str, Path]) -> None:
-    model = make_model(shared_tokenizer[1], llm_dirs["qwen2"], "pixel_shuffle", position_embedding=True)
-    assert model.projector.position is not None
+    model = make_model(shared_tokenizer[1], llm_dirs["qwen2"], "pixel_shuffle", position_embedding=True,
+                       place_words=True)
+    assert model.projector.position is not None and model.projector.place is not None
     with torch.no_grad():
         for p in model.projector.parameters():
             p.add_(torch.randn_like(p))

@@ -189,7 +189,8 @@ DRIVER = textwrap.dedent('''
 def test_two_process_stage2_step(tmp_path: Path, shared_tokenizer: Any, llm_dir: Path, tuning: str) -> None:
     """Acceptance: a two-process ZeRO-2 stage-2 step with LoRA. With the full LLM also at ZeRO-3 (the full-scale
     recipe's stage, where the LLM is built partitioned and its weights are scattered from rank 0): the first step's
-    loss, computed before any update, is the ZeRO-2 run's, so both started from the same weights."""
+    loss, computed before any update, is the ZeRO-2 run's, so both started from the same weights (the projector's
+    place words included)."""
     if tuning == "lora":
         pytest.importorskip("peft")
     script = tmp_path / "driver.py"
@@ -198,7 +199,9 @@ def test_two_process_stage2_step(tmp_path: Path, shared_tokenizer: Any, llm_dir:
     first_losses = []
     for stage in stages:
         run = tmp_path / stage
-        config = run_config(run, shared_tokenizer[1], llm_dir, steps=2, model={"llm_tuning": tuning},
+        # place words come from the real embedding also at ZeRO-3, where the LLM is built on random weights
+        model = {"llm_tuning": tuning, "projector": {"type": "pixel_shuffle", "place_words": True}}
+        config = run_config(run, shared_tokenizer[1], llm_dir, steps=2, model=model,
                             data={"task": "qa", "heldout_samples": 4}, deepspeed={"config": stage})
         torchrun(script, config, timeout=240, env=launch_env(OMP_NUM_THREADS="1"))
         ranks = [json.loads((run / f"rank{r}.json").read_text()) for r in range(2)]

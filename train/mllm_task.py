@@ -185,6 +185,7 @@ class MLLMTask(Task):
         # training-module name of each LLM tensor, by its name in the plain causal LM (peft renames some)
         self._llm_names = {_plain_llm_name(n): n for n in model.state_dict() if n.startswith("llm.")}
         self._tokens_per_image = model.tokens_per_image
+        self._place_grid = model.projector.place_grid(model.grid)
         self._image_size = model.image_size
         return model
 
@@ -215,6 +216,12 @@ class MLLMTask(Task):
                 raise CheckpointError(f"model.llm: weights {unknown[:3]} of {self.mllm_config.llm.path} have no place "
                                       f"in the model built from its config")
             state.update({self._llm_names[k]: v for k, v in llm_state.items()})
+            if self.mllm_config.projector.place_words and "projector.place" not in state:
+                # the model was built on random LLM weights: its place words come from the real embedding
+                from mllm.places import place_vectors
+
+                state["projector.place"] = place_vectors(self.chat_format.tokenizer, state[self._embed_key],
+                                                         self._place_grid)
         return state
 
     def param_groups(self, model: nn.Module) -> list[ParamGroup]:
