@@ -20,7 +20,8 @@ so the shipped recipe keeps the learned embedding; it stays an option.
 With `place_words`, each output gets the LLM's own input embeddings of its place words (`mllm.places`: "top",
 "middle", "bottom" and "left", "center", "right", mixed by the position's share of each third of the image), scaled
 to a learned fraction of that token's norm (0.5 at the start): the place in a form the LLM can copy into an answer.
-The vectors come from the base LLM when the model is built (`set_places`) and are saved with the projector.
+The vectors come from the base LLM when the model is built (`set_places`) and are saved with the projector. On the
+ShapeWorld MLLM (with LoRA on the MLPs too) position answers rose from 53.0% to 67.5% (docs/results.md).
 """
 
 from __future__ import annotations
