@@ -480,7 +480,8 @@ def launch(models: Any, host: str = "127.0.0.1", port: int = 7860, concurrency: 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    from app.demo_models import DemoModels, resolve_device, resolve_dtype, resolve_paths
+    from app.demo_models import DemoModels, resolve_dtype, resolve_paths
+    from uniflow.devices import resolve_device
     from uniflow.errors import ConfigError
 
     paths = resolve_paths(args.bundle, args.tokenizer, args.generator, args.mllm)

@@ -77,26 +77,6 @@ def resolve_paths(bundle: str | None = None, tokenizer: str | None = None, gener
     return DemoPaths(folders["tokenizer"], folders["generator"], folders["mllm"], gen_tok, sources)
 
 
-def resolve_device(name: str) -> Any:
-    """"auto": the GPU when there is one, else the CPU; otherwise a torch device that must exist here."""
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"--device: {name!r} is not a torch device; expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device: {name} asked for, but no CUDA GPU is available here; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device: {name}: only {torch.cuda.device_count()} GPU(s) here")
-    elif device.type != "cpu":
-        raise ConfigError(f"--device: {name}: expected auto, cpu, cuda or cuda:N")
-    return device
-
-
 def resolve_dtype(name: str, device: Any) -> Any:
     """"auto": bfloat16 on a GPU (the full-size models' precision), float32 on the CPU."""
     import torch

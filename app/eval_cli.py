@@ -31,22 +31,6 @@ def finite_float(text: str) -> float:
     return value
 
 
-def _device(text: str) -> Any:
-    import torch
-
-    from uniflow.errors import ConfigError
-
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"--device: expected auto, cpu, cuda or cuda:N, got {text!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device: {text} requested but no CUDA device is available")
-    return device
-
-
 def _cache(args: argparse.Namespace) -> Path | None:
     from eval.inception import cache_dir
 
@@ -81,7 +65,9 @@ def _cmd_recon(args: argparse.Namespace) -> int:
         raise ConfigError(f"--data: {args.data} is neither 'shapeworld' nor a folder of images")
     if args.no_fid and args.inception:
         raise ConfigError("--no-fid and --inception exclude each other")
-    device = _device(args.device)
+    from uniflow.devices import resolve_device
+
+    device = resolve_device(args.device)
     network = None if args.no_fid else _network(args, device)
 
     from eval.recon import (
@@ -131,7 +117,9 @@ def _cmd_gen(args: argparse.Namespace) -> int:
     if args.samples is not None and args.tokenizer is not None:
         raise ConfigError("--tokenizer goes with --generator (the tokenizer its samples are decoded with)")
     out = check_output_dir(args.out, "--out")
-    device = _device(args.device)
+    from uniflow.devices import resolve_device
+
+    device = resolve_device(args.device)
     extra = {"cfg": args.cfg, "seed": args.seed, "generator": args.generator, "per_class": args.per_class}
     if args.samples is None:
         check_generator(args.generator, args.per_class, args.cfg, args.tokenizer)  # all before any sampling
@@ -188,7 +176,9 @@ def _cmd_vqa(args: argparse.Namespace) -> int:
                           "shapeworld without --data")
     check_judge(args.bench, benchmark)
     check_output_dir(args.out, "--out")
-    device = _device(args.device)
+    from uniflow.devices import resolve_device
+
+    device = resolve_device(args.device)
     report = evaluate_vqa(args.mllm, args.bench, data=args.data, limit=args.limit, batch_size=args.batch_size,
                           device=str(device), num_images=args.num_images or SHAPEWORLD_DEFAULT_IMAGES,
                           seed=args.data_seed or 0, progress=not args.no_progress)

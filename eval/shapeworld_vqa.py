@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plain", default=str(PLAIN_QUESTIONS), help="plain-text questions (JSON list)")
     parser.add_argument("--no-plain", action="store_true", help="skip the plain-text language check")
     parser.add_argument("--plain-max-new-tokens", type=int, default=48)
+    parser.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda or cuda:N")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -155,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         from mllm.model import UniFlowChat
         from uniflow.checkpoint import check_output_dir
         from uniflow.configs import check_int
+        from uniflow.devices import resolve_device
         from uniflow.errors import ConfigError
 
         check_int("--num", args.num, 0)
@@ -166,8 +168,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--plain: {args.plain} not found")
         if args.out is not None:
             check_output_dir(Path(args.out).parent or Path("."), "--out")
+        device = resolve_device(args.device)
         t0 = time.perf_counter()
-        model = UniFlowChat.from_pretrained(args.mllm)
+        model = UniFlowChat.from_pretrained(args.mllm, device=device)
         visual = visual_accuracy(model, args.num, args.batch_size, args.max_new_tokens,
                                  progress=not args.no_progress) if args.num else None
         plain = None if args.no_plain else plain_accuracy(model, Path(args.plain), args.plain_max_new_tokens)
@@ -177,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             from uniflow.fileio import atomic_write_text
 
-            result = {"mllm": str(args.mllm), "visual": visual, "plain": plain, "where": where, "targets_met": ok,
+            result = {"mllm": str(args.mllm), "device": str(device), "visual": visual, "plain": plain, "where": where,
+                      "targets_met": ok,
                       "seconds": round(time.perf_counter() - t0, 1)}
             atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
         return 0

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from app.cli import main
 from mllm.model import UniFlowChat
@@ -95,6 +96,7 @@ def test_shapeworld_vqa_command_prints_per_type_accuracy(mllm_dir: Path, tmp_pat
         assert word in out
     result = json.loads(out_file.read_text())
     assert result["visual"]["questions"] == 10 and result["plain"]["questions"] >= 20
+    assert result["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # --device auto
     assert result["plain"]["tuned_right"] == result["plain"]["base_right"]  # a stage-1 model: the LLM untouched
     from uniflow.data.shapeworld import render_sample
 
@@ -104,3 +106,10 @@ def test_shapeworld_vqa_command_prints_per_type_accuracy(mllm_dir: Path, tmp_pat
     assert groups["largest"]["total"] == 3
     assert sum(row["total"] for g, row in groups.items() if g.startswith("answer ")) == sum(objects)
     assert "where is ...? for every object" in out
+
+
+def test_shapeworld_vqa_refuses_a_device_that_is_not_here(mllm_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from eval.shapeworld_vqa import main as vqa_main
+
+    code = vqa_main(["--mllm", str(mllm_dir), "--num", "1", "--device", "gpu7"])
+    one_error_line(capsys, code, r"--device: 'gpu7' is not a torch device")
