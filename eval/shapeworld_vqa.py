@@ -12,6 +12,8 @@ held-out images (the visual questions above ask about one object per image), bro
 largest object or not, and the right answer (center, top left, ...).
 
     python -m eval.shapeworld_vqa --mllm checkpoints/shapeworld/mllm [--num 200] [--where 300] [--out result.json]
+
+`--device auto` (the default) answers on the GPU when there is one.
 """
 
 from __future__ import annotations
@@ -181,8 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             from uniflow.fileio import atomic_write_text
 
             result = {"mllm": str(args.mllm), "device": str(device), "visual": visual, "plain": plain, "where": where,
-                      "targets_met": ok,
-                      "seconds": round(time.perf_counter() - t0, 1)}
+                      "targets_met": ok, "seconds": round(time.perf_counter() - t0, 1)}
             atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
         return 0
 
