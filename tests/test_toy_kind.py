@@ -34,6 +34,7 @@ class ToyData:
     sequences: int = 48
     max_len: int = 9
     vocab: int = 11
+    group_by_length: int = 0
 
     def __post_init__(self) -> None:
         check_number("max_len", self.max_len, 2, None)
@@ -98,6 +99,7 @@ class ToyTask(Task):
     def __init__(self, config: Any, dry_run: bool = False) -> None:
         super().__init__(config, dry_run)
         self.model_config = self.section("model", ToyModel)
+        self.padded_tokens = 0  # what the collated batches hold, padding included
 
     def build_model(self) -> nn.Module:
         return TinyLM(self.data.vocab, self.model_config)
@@ -113,10 +115,14 @@ class ToyTask(Task):
         for i, seq in enumerate(items):
             tokens[i, :len(seq)] = torch.tensor(seq)
             mask[i, :len(seq)] = 1
+        self.padded_tokens += tokens.numel()
         return {"tokens": tokens, "mask": mask}
 
     def batch_count(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["mask"].sum())
+
+    def item_length(self, item: list[int]) -> int:
+        return len(item)
 
     def param_groups(self, model: nn.Module) -> list[ParamGroup]:
         return [ParamGroup("embed", list(model.embed.named_parameters(prefix="embed")), lr_scale=0.5),
@@ -209,3 +215,21 @@ def test_existing_run_and_bad_export_folders_are_refused_before_training(tmp_pat
     # An export of the same kind is replaced.
     again = train(toy(tmp_path / "new", steps=2, export={"dir": str(first.export_dir)}))
     assert again.export_dir == first.export_dir and (first.export_dir / "model.safetensors").is_file()
+
+
+def test_length_grouped_batches_pad_less_and_resume_exactly_from_inside_a_group(tmp_path: Path) -> None:
+    """48 sequences, micro-batches of 4, groups of 3 micro-batches: the step-7 checkpoint lies inside a group (
+    28 samples into the first epoch), and the resumed run must log the uninterrupted run's losses."""
+    def config(name: str, group: int) -> Any:
+        return toy(tmp_path / name, steps=20, batch_size=4, log={"every": 1, "progress": False},
+                   checkpoint={"every": 7, "keep_last": 4}, data={"group_by_length": group})
+
+    grouped = train(config("grouped", 3))
+    plain = train(config("plain", 0))
+    assert grouped.state.epoch == plain.state.epoch == 1
+    assert grouped.task.padded_tokens < 0.9 * plain.task.padded_tokens  # the same samples, less padding
+    again = train(config("grouped", 3), resume=tmp_path / "grouped" / "checkpoints" / "step_0000007")
+    first, resumed = train_losses(grouped), train_losses(again)
+    assert sorted(resumed) == list(range(8, 21))
+    assert resumed == pytest.approx({k: first[k] for k in resumed}, rel=1e-6)
+    assert train_losses(plain) != pytest.approx(first, rel=1e-6)  # the grouping did change the batches

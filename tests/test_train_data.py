@@ -18,6 +18,7 @@ from train.data import (
     ImageFolderDataset,
     ResumableShardSampler,
     build_dataset,
+    length_grouped,
     load_hf_rows,
 )
 from train.ema import EMA
@@ -51,6 +52,31 @@ def test_sampler_resumes_mid_epoch_without_touching_global_rng() -> None:
     sampler.set_epoch(3, start=6)
     assert list(sampler) == full[6:] and len(sampler) == len(full) - 6
     assert torch.equal(state, torch.get_rng_state())
+
+
+def test_length_grouped_batches_are_sorted_within_groups_and_resume_mid_group() -> None:
+    lengths = [int(v) for v in torch.randint(1, 100, (40,), generator=torch.Generator().manual_seed(0))]
+    groups = [list(range(0, 16)), list(range(16, 32)), list(range(32, 40))]  # the sampler's loads of micro * k
+
+    def run(**kw: int) -> list[list[int]]:
+        return list(length_grouped(iter(groups[kw.get("first_group", 0):]), 3, lengths.__getitem__, seed=1,
+                                   epoch=2, **kw))
+
+    batches = run()
+    assert [len(b) for b in batches] == [3] * 12  # 5 + 5 + 2 batches; remainders under a micro-batch dropped
+    for group, got in zip(groups, (batches[:5], batches[5:10], batches[10:])):
+        by_length = sorted(group, key=lambda i: -lengths[i])
+        kept = by_length[:len(got) * 3]
+        assert sorted(i for b in got for i in b) == sorted(kept)  # the longest 3*n of the group, each once
+        for b in got:  # a batch is a run of the sorted order: little padding
+            assert sorted(b, key=lambda i: -lengths[i]) == kept[kept.index(max(b, key=lambda i: lengths[i])):][:3]
+    assert [max(lengths[i] for i in b) for b in batches[:5]] != \
+        sorted((max(lengths[i] for i in b) for b in batches[:5]), reverse=True)  # batch order shuffled
+    assert run() == batches  # deterministic
+    assert run(skip=2) == batches[2:]
+    assert run(first_group=1, skip=4) == batches[9:]  # a resume from inside the second group
+    other = list(length_grouped(iter(groups), 3, lengths.__getitem__, seed=1, epoch=3))
+    assert other != batches and sorted(map(sorted, other)) == sorted(map(sorted, batches))
 
 
 # ---------------------------------------------------------------------------------------------------- image folders

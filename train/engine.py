@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from train import checkpointing
 from train.config import TrainConfig, dump_yaml
-from train.data import ResumableShardSampler
+from train.data import ResumableShardSampler, length_grouped
 from train.distributed import DistInfo, all_reduce_mean, all_reduce_sum, barrier, broadcast_object, setup_distributed
 from train.ds_config import batch_layout, build_ds_config, resolve_precision, zero_stage
 from train.ema import EMA
@@ -410,12 +410,7 @@ def _train_loop(config: TrainConfig, task: Task, engine: Any, ema: EMA | None, t
     done = state.step >= config.steps
     try:
         while not done:
-            sampler.set_epoch(state.epoch, state.position)
-            loader = DataLoader(train_ds, batch_size=micro, sampler=sampler, drop_last=True,
-                                num_workers=task.num_workers, collate_fn=task.collate,
-                                pin_memory=dist_info.device.type == "cuda",
-                                generator=torch.Generator().manual_seed(config.seed + state.epoch))
-            batches = iter(loader)
+            batches = _batches(config, task, train_ds, sampler, state, micro, dist_info)
             while True:
                 t0 = time.perf_counter()
                 try:
@@ -465,6 +460,27 @@ def _train_loop(config: TrainConfig, task: Task, engine: Any, ema: EMA | None, t
     finally:
         if progress is not None:
             progress.close()
+
+
+def _batches(config: TrainConfig, task: Task, train_ds: Any, sampler: ResumableShardSampler,
+             state: checkpointing.TrainState, micro: int, dist_info: DistInfo) -> Iterator[Any]:
+    """This epoch's collated micro-batches from the data position on: in the sampler's order, or, where the task
+    groups by length (`task.length_group` micro-batches a group), sorted within each group
+    (`train.data.length_grouped`); a resumed run starts at its group's first sample and skips the batches it already
+    trained on."""
+    group = task.length_group
+    per_load = micro * group if group else micro
+    offset = state.position % per_load
+    sampler.set_epoch(state.epoch, state.position - offset)
+    loader = DataLoader(train_ds, batch_size=per_load, sampler=sampler, drop_last=not group,
+                        num_workers=task.num_workers, collate_fn=list if group else task.collate,
+                        pin_memory=dist_info.device.type == "cuda",
+                        generator=torch.Generator().manual_seed(config.seed + state.epoch))
+    if not group:
+        return iter(loader)
+    grouped = length_grouped(loader, micro, task.item_length, config.seed, state.epoch,
+                             first_group=(state.position - offset) // per_load, skip=offset // micro)
+    return (task.collate(items) for items in grouped)
 
 
 def _log_row(config: TrainConfig, state: checkpointing.TrainState, window: _Window, dist_info: DistInfo,

@@ -59,7 +59,9 @@ class MLLMDataConfig:
     image_folder (default: the JSON's folder), heldout_path (optional).
     heldout_samples: held-out conversations for the evaluation loss.
     text_path, text_ratio: a LLaVA JSON of text-only conversations, and the share of training items replaced by one
-    of them (LLaVA's language-only mix: keeps the LLM's general answers through stage 2)."""
+    of them (LLaVA's language-only mix: keeps the LLM's general answers through stage 2).
+    group_by_length: k > 0 sorts each k micro-batches' worth of samples by token length before batching, so batches
+    carry little padding (`train.data.length_grouped`: ~1.5x faster on ShapeWorld QA); 0: random batches."""
 
     source: str = "shapeworld"
     task: str = "qa"
@@ -75,6 +77,7 @@ class MLLMDataConfig:
     num_workers: int = 0
     text_path: str | None = None
     text_ratio: float = 0.0
+    group_by_length: int = 0
 
     def __post_init__(self) -> None:
         check_choice("source", self.source, SOURCES)
@@ -90,6 +93,7 @@ class MLLMDataConfig:
         if self.source == "llava" and not self.path:
             raise FieldError("path", "the llava source needs the JSON file (data.path)")
         check_number("text_ratio", self.text_ratio, 0.0, 1.0)
+        check_number("group_by_length", self.group_by_length, 0, None)
         if self.text_ratio > 0 and not self.text_path:
             raise FieldError("text_path", f"text_ratio {self.text_ratio} needs the text-only LLaVA JSON file")
 
@@ -283,6 +287,9 @@ class MLLMTask(Task):
 
     def batch_count(self, batch: Any) -> int:
         return int(batch["input_ids"].shape[0])
+
+    def item_length(self, item: Any) -> int:
+        return len(item["input_ids"])
 
     @property
     def num_workers(self) -> int:

@@ -156,6 +156,16 @@ class Task(ABC):
     def num_workers(self) -> int:
         return int(getattr(self.data, "num_workers", 0))
 
+    @property
+    def length_group(self) -> int:
+        """Micro-batches per group of samples sorted by `item_length` (`train.data.length_grouped`); 0: batches in
+        the sampler's order. Read from the data section's `group_by_length` where it has one."""
+        return int(getattr(self.data, "group_by_length", 0))
+
+    def item_length(self, item: Any) -> int:
+        """A loaded sample's padded size along the axis the collate function pads (length grouping sorts by it)."""
+        raise NotImplementedError(f"the {self.kind!r} task cannot group batches by length")
+
     # ---------------------------------------------------------------------------------------- evaluation, export
     @abstractmethod
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
