@@ -71,6 +71,25 @@ def test_dense_run_logs_evaluates_and_exports_every_head(dense_run: Any) -> None
         assert torch.equal(value, trained[key]), key
 
 
+def test_cached_run_trains_exactly_as_an_uncached_one(tmp_path: Path) -> None:
+    """data.cache_mb: the later epochs read kept items, and the weights come out bit-identical."""
+    from train.data import CachedDataset
+
+    def run(name: str, **data: Any) -> Any:
+        config = tiny(tmp_path / name)
+        config.data.update(num_samples=16, **data)  # 4 steps of 8: two epochs, the second one all cache hits
+        return train(config)
+
+    plain, cached = run("plain"), run("cached", cache_mb=16)
+    assert isinstance(cached.train_data, CachedDataset) and sorted(cached.train_data.items) == list(range(16))
+    assert not isinstance(plain.train_data, CachedDataset)
+    losses = [[r["loss"] for r in read_metrics(r.run_dir) if r["kind"] == "train"] for r in (plain, cached)]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+    weights = [r.engine.module.state_dict() for r in (plain, cached)]
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[1][key]), key
+
+
 def test_loss_weights_are_typed_and_range_checked(tmp_path: Path) -> None:
     def task(model: dict[str, Any], **data: Any) -> Any:
         cfg = tiny(tmp_path / "r", **model)

@@ -13,6 +13,7 @@ from PIL import Image
 
 from train import checkpointing
 from train.data import (
+    CachedDataset,
     HFImageDataset,
     ImageDataConfig,
     ImageFolderDataset,
@@ -80,6 +81,62 @@ def test_length_grouped_batches_are_sorted_within_groups_and_resume_mid_group() 
 
 
 # ---------------------------------------------------------------------------------------------------- image folders
+class _Items(torch.utils.data.Dataset):
+    """Items of every kind a task returns, counting how often each index is loaded."""
+
+    def __init__(self) -> None:
+        self.loads: list[int] = []
+
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, index: int) -> dict:
+        self.loads.append(index)
+        g = torch.Generator().manual_seed(index)
+        return {"image": torch.randint(0, 256, (3, 8, 8), generator=g).float() / 255,  # exactly uint8 / 255
+                "soft": torch.rand(4, 3, generator=g),  # not representable as uint8
+                "ids": torch.randint(-5, 9, (5,), generator=g), "big": torch.tensor([index * 1000]),
+                "label": index, "name": f"item {index}"}
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key], key
+
+
+def test_cached_dataset_returns_identical_items_compactly_within_its_budget() -> None:
+    base = _Items()
+    cached = CachedDataset(base, max_mb=1.0)
+    first = [cached[i] for i in range(6)]
+    again = [cached[i] for i in range(6)]
+    assert base.loads == list(range(6))  # the second pass loaded nothing
+    for a, b, fresh in zip(first, again, (base[i] for i in range(6))):
+        _same(a, b)
+        _same(fresh, b)
+    raw = sum(v.numel() * v.element_size() for v in first[0].values() if isinstance(v, torch.Tensor))
+    assert cached.bytes < 0.5 * 6 * raw  # the image as uint8, the small integers as int8
+    again[0]["image"].zero_()  # what a caller does to an item never reaches the cache
+    again[0]["soft"].zero_()
+    _same(cached[0], first[0])
+    # a budget smaller than one item: the first item is kept, the rest pass through
+    small = CachedDataset(_Items(), max_mb=1e-6)
+    [small[i] for i in range(6)] + [small[i] for i in range(6)]
+    assert sorted(small.items) == [0] and small.base.loads == list(range(6)) + list(range(1, 6))
+    assert len(small) == 6 and small.loads is small.base.loads  # the base's attributes show through
+
+
+def test_cache_config_is_checked() -> None:
+    assert ImageDataConfig(cache_mb=512).cache_mb == 512
+    with pytest.raises(ConfigError, match="cache_mb"):
+        ImageDataConfig(cache_mb=-1)
+    with pytest.raises(ConfigError, match="cache_mb.*num_workers 0"):
+        ImageDataConfig(cache_mb=512, num_workers=2)
+
+
 def test_image_folder_skips_and_counts_unreadable_images(tmp_path: Path) -> None:
     root = tmp_path / "train"
     _png(root / "cat" / "a.png", (255, 0, 0))

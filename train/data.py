@@ -41,10 +41,17 @@ class ImageDataConfig:
         periodic evaluation (all sources).
     verify: open every image header of a folder once at start, skipping and counting unreadable files.
     num_workers: DataLoader worker processes (0: load in the training process).
+    cache_mb: keep each loaded item in memory (up to this many MB; 0: off), so every epoch after the first skips
+        rendering or decoding. Items are stored compactly (images as uint8 when that is exact) and returned
+        bit-identical, so a run trains exactly as it would without the cache. Needs num_workers 0: a worker process
+        would keep its own copy.
     procedural_share: share of training images replaced by label-free procedural images
         (`uniflow.data.procedural`: flat fields, gradients, texture, hard and soft edges in any colour), so a
         tokenizer learns more than one dataset's look; 0 (the default) trains on the dataset alone. Held-out
         evaluation never uses them. Tasks that need labels refuse a share above 0.
+    dead_leaves_share: share of training images replaced by textured dead-leaves images
+        (`uniflow.data.dead_leaves`: occlusion at every scale, pink-noise and grating textures, blur, grain), a
+        stand-in for photographs; same rules as procedural_share, and the two shares add up to at most 1.
     """
 
     source: str = "shapeworld"
@@ -59,11 +66,17 @@ class ImageDataConfig:
     heldout_samples: int = 256
     seed: int = 0
     num_workers: int = 0
+    cache_mb: float = 0.0
     verify: bool = True
     procedural_share: float = 0.0
+    dead_leaves_share: float = 0.0
 
     def __post_init__(self) -> None:
         check_number("procedural_share", self.procedural_share, 0.0, 1.0)
+        check_number("dead_leaves_share", self.dead_leaves_share, 0.0, 1.0)
+        if self.procedural_share + self.dead_leaves_share > 1.0:
+            raise ConfigError(f"data.procedural_share + data.dead_leaves_share must be at most 1, got "
+                              f"{self.procedural_share} + {self.dead_leaves_share}")
         check_choice("source", self.source, SOURCES)
         check_number("image_size", self.image_size, 1, None)
         if self.num_samples is not None:
@@ -71,6 +84,10 @@ class ImageDataConfig:
         check_number("heldout_samples", self.heldout_samples, 0, None)
         check_number("seed", self.seed, 0, None)
         check_number("num_workers", self.num_workers, 0, None)
+        check_number("cache_mb", self.cache_mb, 0.0, None)
+        if self.cache_mb and self.num_workers:
+            raise ConfigError(f"data.cache_mb: the in-memory cache needs data.num_workers 0 (each worker process would "
+                              f"keep its own copy); got num_workers {self.num_workers}")
 
 
 def to_tensor(image: Image.Image, size: int) -> torch.Tensor:
@@ -218,34 +235,127 @@ def load_hf_rows(path: str, split: str | None, field: str = "data.path") -> Any:
 
 
 class MixedImageDataset(Dataset):
-    """`base` with a share of its items replaced by procedural images: item i is procedural when a draw from
-    (seed, i) falls under `share`, so the mix is a pure function of the index (resumable, the same on every rank).
-    Procedural items carry label -1."""
+    """`base` with shares of its items replaced by label-free images: item i is procedural when a draw from (seed, i)
+    falls under `share`, dead leaves when it falls in the next `dead_leaves_share`, so the mix is a pure function of
+    the index (resumable, the same on every rank). Replaced items carry label -1."""
 
-    def __init__(self, base: Dataset, share: float, seed: int, image_size: int) -> None:
+    def __init__(self, base: Dataset, share: float, seed: int, image_size: int, dead_leaves_share: float = 0.0) -> None:
+        from uniflow.data.dead_leaves import DeadLeavesDataset
         from uniflow.data.procedural import ProceduralDataset
 
         check_number("procedural_share", share, 0.0, 1.0)
+        check_number("dead_leaves_share", dead_leaves_share, 0.0, 1.0 - share)
         self.base, self.share, self.seed = base, share, seed
+        self.dead_leaves_share = dead_leaves_share
         self.procedural = ProceduralDataset(len(base), seed=seed, image_size=image_size)
+        self.dead_leaves = DeadLeavesDataset(len(base), seed=seed, image_size=image_size)
 
     def __len__(self) -> int:
         return len(self.base)
 
+    def source(self, index: int) -> str:
+        """"procedural", "dead_leaves" or "base": where item `index` comes from."""
+        draw = np.random.default_rng([0x313, self.seed, int(index)]).random()
+        if draw < self.share:
+            return "procedural"
+        return "dead_leaves" if draw < self.share + self.dead_leaves_share else "base"
+
     def is_procedural(self, index: int) -> bool:
-        return bool(np.random.default_rng([0x313, self.seed, int(index)]).random() < self.share)
+        return self.source(index) == "procedural"
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.procedural[index] if self.is_procedural(index) else self.base[index]
+        source = self.source(index)
+        if source == "procedural":
+            return self.procedural[index]
+        return self.dead_leaves[index] if source == "dead_leaves" else self.base[index]
+
+
+class CachedDataset(Dataset):
+    """`base` with each item kept in memory after its first load, up to `max_mb` (later items pass through uncached).
+
+    Why: ShapeWorld renders every image on the CPU that trains (~1 ms an image with its per-patch targets, 15% of the
+    teacher's step on 2 cores), and a DataLoader worker there only competes with the matrix multiplies; the teacher
+    sees each of its 50k images ~5 times, so keeping them makes every epoch after the first almost free. Items must
+    be a pure function of their index (every dataset here is: there is no random augmentation).
+
+    Float tensors that are exactly uint8 / 255 (every image here) are stored as uint8 and integer tensors whose
+    values fit as int8, both converted back on the way out, so an item is returned bit-identical at a quarter of the
+    memory; anything else is stored as it is."""
+
+    def __init__(self, base: Dataset, max_mb: float) -> None:
+        check_number("cache_mb", max_mb, 0.0, None, lo_open=True)
+        self.base = base
+        self.max_bytes = int(max_mb * 2**20)
+        self.bytes = 0
+        self.items: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:  # the base dataset's own attributes (classes, skipped, ...)
+        if name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def __getitem__(self, index: int) -> Any:
+        index = int(index)
+        packed = self.items.get(index)
+        if packed is not None:
+            return _unpack(packed)
+        item = self.base[index]
+        if self.bytes < self.max_bytes:
+            packed, size = _pack(item)
+            self.items[index] = packed
+            self.bytes += size
+        return item
+
+
+def _pack(value: Any) -> tuple[Any, int]:
+    """(compact copy of an item, its tensor bytes): see `CachedDataset`."""
+    if isinstance(value, dict):
+        parts = {k: _pack(v) for k, v in value.items()}
+        return {k: p for k, (p, _) in parts.items()}, sum(n for _, n in parts.values())
+    if not isinstance(value, torch.Tensor):
+        return value, 0
+    stored, kind = value, None
+    if value.dtype == torch.float32 and value.numel():
+        as_u8 = value.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+        if torch.equal(as_u8.float().div_(255.0), value):
+            stored, kind = as_u8, "u8"
+    elif value.dtype in (torch.int64, torch.int32, torch.int16) and value.numel() \
+            and int(value.min()) >= -128 and int(value.max()) <= 127:
+        stored, kind = value.to(torch.int8), value.dtype
+    if stored is value:
+        stored = value.clone()
+    return (_Packed(stored, kind), stored.numel() * stored.element_size())
+
+
+class _Packed:
+    __slots__ = ("tensor", "kind")
+
+    def __init__(self, tensor: torch.Tensor, kind: Any) -> None:
+        self.tensor, self.kind = tensor, kind
+
+
+def _unpack(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _unpack(v) for k, v in value.items()}
+    if not isinstance(value, _Packed):
+        return value
+    if value.kind == "u8":
+        return value.tensor.float().div_(255.0)
+    if value.kind is not None:
+        return value.tensor.to(value.kind)
+    return value.tensor.clone()
 
 
 def build_dataset(data: ImageDataConfig, heldout: bool = False) -> Dataset | None:
     """The training (or held-out) dataset an ImageDataConfig describes; held-out is None when none is configured.
-    A `procedural_share` above 0 mixes procedural images into the training set only."""
+    A `procedural_share` or `dead_leaves_share` above 0 mixes those images into the training set only."""
     dataset = _build_source(data, heldout)
-    if heldout or data.procedural_share == 0 or dataset is None:
+    if heldout or data.procedural_share + data.dead_leaves_share == 0 or dataset is None:
         return dataset
-    return MixedImageDataset(dataset, data.procedural_share, data.seed, data.image_size)
+    return MixedImageDataset(dataset, data.procedural_share, data.seed, data.image_size, data.dead_leaves_share)
 
 
 def _build_source(data: ImageDataConfig, heldout: bool) -> Dataset | None:

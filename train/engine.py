@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from train import checkpointing
 from train.config import TrainConfig, dump_yaml
-from train.data import ResumableShardSampler, length_grouped
+from train.data import CachedDataset, ResumableShardSampler, length_grouped
 from train.distributed import DistInfo, all_reduce_mean, all_reduce_sum, barrier, broadcast_object, setup_distributed
 from train.ds_config import batch_layout, build_ds_config, resolve_precision, zero_stage
 from train.ema import EMA
@@ -63,6 +63,7 @@ class RunResult:
     task: Task | None = None
     dist: DistInfo | None = None
     built_numel: tuple[int, int] = (0, 0)  # (elements this rank held, elements of the model) right after the build
+    train_data: Any = None  # the training set as the loader read it (a CachedDataset with data.cache_mb)
 
 
 def seed_all(seed: int) -> None:
@@ -290,6 +291,9 @@ def train(config: TrainConfig, resume: str | Path | bool | None = None, export_o
         check_new_run(run_dir)
     export_dir = export_destination(config, task, run_dir) if config.export.enabled else None
     train_ds, heldout_ds = task.build_datasets()
+    if task.cache_mb:
+        train_ds = CachedDataset(train_ds, task.cache_mb)
+        heldout_ds = CachedDataset(heldout_ds, task.cache_mb) if heldout_ds is not None else None
 
     dist_info = setup_distributed()
     _quiet_deepspeed()
@@ -348,7 +352,7 @@ def train(config: TrainConfig, resume: str | Path | bool | None = None, export_o
         seed_all(config.seed * 1_000_003 + 7919 * (dist_info.rank + 1))
 
     result = RunResult(run_dir=run_dir, state=state, engine=engine, ema=ema, task=task, dist=dist_info,
-                       built_numel=built_numel)
+                       built_numel=built_numel, train_data=train_ds)
     log = MetricsLog(run_dir, dist_info.is_main and not export_only, config.log.tensorboard)
 
     def evaluate(final: bool) -> dict[str, float]:

@@ -157,6 +157,12 @@ class Task(ABC):
         return int(getattr(self.data, "num_workers", 0))
 
     @property
+    def cache_mb(self) -> float:
+        """Memory for keeping loaded items (`train.data.CachedDataset`); 0: none. Read from the data section's
+        `cache_mb` where it has one."""
+        return float(getattr(self.data, "cache_mb", 0.0))
+
+    @property
     def length_group(self) -> int:
         """Micro-batches per group of samples sorted by `item_length` (`train.data.length_grouped`); 0: batches in
         the sampler's order. Read from the data section's `group_by_length` where it has one."""
