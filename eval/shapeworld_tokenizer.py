@@ -43,7 +43,7 @@ from uniflow.encoders import VisionEncoder, build_encoder
 from uniflow.errors import ConfigError, OutputError, UniFlowError
 from uniflow.fileio import atomic_write_text
 from uniflow.flow import MAX_STEPS
-from uniflow.metrics import patch_seam_ratio, psnr, ssim
+from uniflow.metrics import patch_edge_ratio, patch_seam_ratio, psnr, ssim
 
 MAX_PSNR_DB = 100.0  # per-image PSNR is capped before averaging (an exact flat image would otherwise be infinite)
 PROBE_KEYS = ("class_accuracy", "shape_accuracy", "colour_accuracy")  # eval.shapeworld_probe's three probes
@@ -67,13 +67,16 @@ def features(encoder: VisionEncoder, images: torch.Tensor) -> list[torch.Tensor]
 
 def reconstruction_scores(tokenizer: UniFlowTokenizer, images: torch.Tensor, steps: int, sampler: str, seed: int,
                           batch_size: int) -> tuple[dict[str, float], torch.Tensor]:
-    """PSNR (mean over images, capped at MAX_PSNR_DB), SSIM and pooled seam ratio of a small image set, and the
-    reconstructions."""
+    """PSNR (mean over images, capped at MAX_PSNR_DB), SSIM, pooled seam ratio and (unless every image is flat) patch
+    edge ratio of a small image set, and the reconstructions."""
     recon = torch.cat([tokenizer.reconstruct(images[i:i + batch_size], steps=steps, sampler=sampler, seed=seed + i)
                        for i in range(0, images.shape[0], batch_size)])
+    patch = tokenizer.encoder.patch_size
     scores = {"psnr_db": psnr(recon, images).clamp(max=MAX_PSNR_DB).mean().item(),
               "ssim": ssim(recon, images).mean().item(),
-              "patch_seam_ratio": patch_seam_ratio(recon, images, tokenizer.encoder.patch_size)}
+              "patch_seam_ratio": patch_seam_ratio(recon, images, patch)}
+    if images.diff(dim=-1).abs().amax() > 0:  # the edge ratio is undefined on flat images
+        scores["patch_edge_ratio"] = patch_edge_ratio(recon, images, patch)
     return scores, recon
 
 
@@ -187,6 +190,7 @@ def evaluate(bundle: Path, heldout: int = 1000, probe_train: int = 5000, steps: 
         "psnr_db": torch.cat(psnrs).mean().item(),
         "ssim": torch.cat(ssims).mean().item(),
         "patch_seam_ratio": patch_seam_ratio(*(torch.cat(side) for side in zip(*pairs)), tokenizer.encoder.patch_size),
+        "patch_edge_ratio": patch_edge_ratio(*(torch.cat(side) for side in zip(*pairs)), tokenizer.encoder.patch_size),
         "cosine_to_teacher_per_layer": [round(c, 5) for c in cosines.tolist()],
         "deepest_third_layers": [layer + 1 for layer in deep],
         "cosine_to_teacher_deepest_third": cosines[deep].mean().item(),
@@ -253,11 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print("| metric | value |\n| --- | --- |")
-    keys = ["psnr_db", "ssim", "patch_seam_ratio", "cosine_to_teacher_deepest_third", "probe_accuracy_student",
-            "probe_accuracy_teacher", "probe_gap_points"]
+    keys = ["psnr_db", "ssim", "patch_seam_ratio", "patch_edge_ratio", "cosine_to_teacher_deepest_third",
+            "probe_accuracy_student", "probe_accuracy_teacher", "probe_gap_points"]
     keys += [f"probe_{key}_{name}" for name in ("teacher", "student") for key in PROBE_KEYS[1:]]
     keys += [f"{part}_{key}" for part in ("synthetic", "flat", "hard_edges", "photos")
-             for key in ("psnr_db", "ssim", "patch_seam_ratio")]
+             for key in ("psnr_db", "ssim", "patch_seam_ratio", "patch_edge_ratio")]
     for key in keys:
         if key in result:
             value = result[key]

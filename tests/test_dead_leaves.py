@@ -89,5 +89,9 @@ def test_shares_are_checked_and_refused_where_labels_are_needed(tmp_path) -> Non
 
     config = load_config("train/configs/encoder_tiny.yaml", [f"run_dir={tmp_path / 'run'}",
                                                               "data.dead_leaves_share=0.2"])
-    with pytest.raises(ConfigError, match="dead_leaves_share.*expected 0"):
+    with pytest.raises(ConfigError, match="dead_leaves_share: the encoder task trains on labels.*expected 0"):
         get_task("encoder")(config)
+    config = load_config("train/configs/generator_tiny.yaml", [f"run_dir={tmp_path / 'gen'}",
+                                                                "data.procedural_share=0.1"])
+    with pytest.raises(ConfigError, match="procedural_share: the generator task trains on labels"):
+        get_task("generator")(config)

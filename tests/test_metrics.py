@@ -37,3 +37,21 @@ def test_patch_seam_ratio_sees_errors_at_patch_borders():
     interior = uniform.clone()
     interior[..., 3:5, 3:5] = 0.3
     assert patch_seam_ratio(interior, target, 8) < 1.0
+
+
+def test_patch_edge_ratio_sees_a_mosaic_and_not_a_uniform_blur():
+    import pytest
+
+    from uniflow.data.dead_leaves import render_dead_leaves
+    from uniflow.metrics import patch_edge_ratio
+
+    target = torch.stack([render_dead_leaves(0, i) for i in range(4)])
+    assert abs(patch_edge_ratio(target, target, 8) - 1.0) < 1e-9
+    # each 8x8 patch returned as its own mean colour: the "smooth blob" mosaic of a decoder without texture
+    mosaic = torch.nn.functional.avg_pool2d(target, 8).repeat_interleave(8, -1).repeat_interleave(8, -2)
+    assert patch_edge_ratio(mosaic, target, 8) > 3.0
+    # the same blur everywhere (no grid, detail lost) stays near 1
+    blurred = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(target, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    assert 0.8 < patch_edge_ratio(blurred, target, 8) < 1.2
+    with pytest.raises(ValueError, match="flat"):
+        patch_edge_ratio(target, torch.full_like(target, 0.5), 8)

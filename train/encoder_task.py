@@ -177,10 +177,7 @@ class EncoderTask(ImageTask):
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ConfigError(f"{source}.num_classes: expected an integer >= 1, got {num_classes!r}")
         self.num_classes = num_classes
-        for share in ("procedural_share", "dead_leaves_share"):
-            if getattr(self.data, share):
-                raise ConfigError(f"{config.source}: data.{share}: the encoder trains on labels and label-free "
-                                  f"images have none; expected 0, got {getattr(self.data, share)}")
+        self.check_labelled_data()
         self.check_patch_size(self.encoder_config.patch_size)
         self.loss_weights = losses.resolved(self.data.source == "shapeworld", f"{config.source}: model.loss")
         self.dense = bool(self.loss_weights[1] or self.loss_weights[2])

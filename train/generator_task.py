@@ -327,6 +327,7 @@ class GeneratorTask(ImageTask):
             raise ConfigError(f"{source}.tokenizer: {self.tokenizer_path} is not a tokenizer folder{hint}")
         patch = self.tokenizer_config.encoder.patch_size
         self.check_patch_size(patch)
+        self.check_labelled_data()
         side = self.data.image_size // patch
         explicit = dict(config.model)
         for name, value in (("grid", [side, side]), ("token_channels", self.tokenizer_config.decoder.latent_channels)):

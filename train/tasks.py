@@ -211,6 +211,13 @@ class ImageTask(Task):
             raise ConfigError(f"{self.config.source}: data: the training dataset is empty")
         return train, build_dataset(self.data, heldout=True)
 
+    def check_labelled_data(self) -> None:
+        """Refuse the label-free shares (procedural, dead leaves) in a task that trains on class labels."""
+        for share in ("procedural_share", "dead_leaves_share"):
+            if getattr(self.data, share):
+                raise ConfigError(f"{self.config.source}: data.{share}: the {self.kind} task trains on labels and "
+                                  f"label-free images have none; expected 0, got {getattr(self.data, share)}")
+
     def check_patch_size(self, patch: int) -> None:
         if self.data.image_size % patch:
             raise ConfigError(f"{self.config.source}: data.image_size {self.data.image_size} is not divisible by "

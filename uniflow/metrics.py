@@ -60,3 +60,32 @@ def patch_seam_ratio(pred: torch.Tensor, target: torch.Tensor, patch: int) -> fl
     err = (pred.double() - target.double()).pow(2).mean(1)  # (B, H, W)
     border = patch_border_mask(err.shape[-2], err.shape[-1], patch)
     return (err[:, border].mean() / err[:, ~border].mean()).item()
+
+
+def _border_step_ratio(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """Mean absolute step between neighbouring pixels across patch borders over that inside patches (both axes)."""
+    x = images.double()
+    steps_w = (x[..., :, 1:] - x[..., :, :-1]).abs()  # step between column j and j + 1
+    steps_h = (x[..., 1:, :] - x[..., :-1, :]).abs()
+    across_w = (torch.arange(steps_w.shape[-1]) % patch) == patch - 1
+    across_h = (torch.arange(steps_h.shape[-2]) % patch) == patch - 1
+    border = torch.cat([steps_w[..., across_w].flatten(), steps_h[..., across_h, :].flatten()]).mean()
+    inside = torch.cat([steps_w[..., ~across_w].flatten(), steps_h[..., ~across_h, :].flatten()]).mean()
+    return border / inside.clamp_min(1e-12)
+
+
+def patch_edge_ratio(pred: torch.Tensor, target: torch.Tensor, patch: int) -> float:
+    """How much more a reconstruction jumps across patch borders than inside patches, relative to the original:
+    (mean |step| across borders / mean |step| inside patches) of `pred` over the same of `target`, pooled over the
+    images. 1: no grid; a mosaic (smooth patches with jumps between them) scores well above 1.
+
+    Why beside the seam ratio: that one compares errors, and a decoder that returns each patch as a smooth blob of
+    about the right colour errs inside the patch as much as at its border (seam ratio ~1, or below with a border
+    loss weight) while the grid is plain to see; the grid is the jumps, and this measures them."""
+    if patch < 2:
+        raise ValueError(f"patch_edge_ratio needs patches of at least 2 pixels, got {patch}")
+    reference = _border_step_ratio(target, patch)
+    if not reference > 0:
+        raise ValueError("patch_edge_ratio: the originals have no steps between pixels (flat images); the ratio is "
+                         "undefined")
+    return (_border_step_ratio(pred, patch) / reference).item()
