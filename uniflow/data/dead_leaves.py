@@ -15,13 +15,11 @@ every other training source here, so data loading stays resumable and order-free
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from uniflow.configs import check_int
+from uniflow.data.procedural import RenderedDataset
 
 _STREAM = 0xDEAD1EAF  # this generator's random streams, apart from every other user of (seed, index)
 _SUPERSAMPLE = 2
@@ -196,19 +194,8 @@ def render_dead_leaves(seed: int, index: int, size: int = 64) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)).clamp_(0, 1)
 
 
-class DeadLeavesDataset(Dataset):
-    """`num_samples` dead-leaves images; items look like the image datasets' (`image`, `label` = -1, `index`)."""
+class DeadLeavesDataset(RenderedDataset):
+    """`num_samples` dead-leaves images (`render_dead_leaves`)."""
 
-    def __init__(self, num_samples: int, seed: int = 0, image_size: int = 64) -> None:
-        check_int("num_samples", num_samples, 0)
-        check_int("image_size", image_size, 8)
-        self.num_samples, self.seed, self.image_size = num_samples, seed, image_size
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        index = int(index)
-        if not 0 <= index < self.num_samples:
-            raise IndexError(f"dead-leaves index {index} out of range for {self.num_samples} samples")
-        return {"image": render_dead_leaves(self.seed, index, self.image_size), "label": -1, "index": index}
+    name = "dead-leaves"
+    render = staticmethod(render_dead_leaves)

@@ -118,13 +118,20 @@ def render_procedural(seed: int, index: int, size: int = 64) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)).clamp_(0, 1)
 
 
-class ProceduralDataset(Dataset):
-    """`num_samples` procedural images; items look like the image datasets' (`image`, `label` = -1, `index`)."""
+class RenderedDataset(Dataset):
+    """`num_samples` label-free images of a render function (`render(seed, index, size)`, a pure function of its
+    arguments); items look like the image datasets' (`image`, `label` = -1, `index`)."""
+
+    name = "rendered"
 
     def __init__(self, num_samples: int, seed: int = 0, image_size: int = 64) -> None:
         check_int("num_samples", num_samples, 0)
         check_int("image_size", image_size, 8)
         self.num_samples, self.seed, self.image_size = num_samples, seed, image_size
+
+    @staticmethod
+    def render(seed: int, index: int, size: int) -> torch.Tensor:
+        raise NotImplementedError
 
     def __len__(self) -> int:
         return self.num_samples
@@ -132,5 +139,12 @@ class ProceduralDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)
         if not 0 <= index < self.num_samples:
-            raise IndexError(f"procedural index {index} out of range for {self.num_samples} samples")
-        return {"image": render_procedural(self.seed, index, self.image_size), "label": -1, "index": index}
+            raise IndexError(f"{self.name} index {index} out of range for {self.num_samples} samples")
+        return {"image": self.render(self.seed, index, self.image_size), "label": -1, "index": index}
+
+
+class ProceduralDataset(RenderedDataset):
+    """`num_samples` procedural images (`render_procedural`)."""
+
+    name = "procedural"
+    render = staticmethod(render_procedural)
