@@ -181,6 +181,7 @@ def evaluate(bundle: Path, heldout: int = 1000, probe_train: int = 5000, steps: 
             for name, pair in named.items():
                 write_grid(grid_parts / f"{name}.png", [pair], (GRID_COLUMNS[0],), zoom)
             extra["grid_parts"] = [str(grid_parts / f"{name}.png") for name in named]
+    recon_all, originals = (torch.cat(side) for side in zip(*pairs))  # both ratios pool over every held-out image
     return {
         "tokenizer": str(tokenizer_dir),
         "teacher": str(teacher_weights),
@@ -189,8 +190,8 @@ def evaluate(bundle: Path, heldout: int = 1000, probe_train: int = 5000, steps: 
         "steps": steps,
         "psnr_db": torch.cat(psnrs).mean().item(),
         "ssim": torch.cat(ssims).mean().item(),
-        "patch_seam_ratio": patch_seam_ratio(*(torch.cat(side) for side in zip(*pairs)), tokenizer.encoder.patch_size),
-        "patch_edge_ratio": patch_edge_ratio(*(torch.cat(side) for side in zip(*pairs)), tokenizer.encoder.patch_size),
+        "patch_seam_ratio": patch_seam_ratio(recon_all, originals, tokenizer.encoder.patch_size),
+        "patch_edge_ratio": patch_edge_ratio(recon_all, originals, tokenizer.encoder.patch_size),
         "cosine_to_teacher_per_layer": [round(c, 5) for c in cosines.tolist()],
         "deepest_third_layers": [layer + 1 for layer in deep],
         "cosine_to_teacher_deepest_third": cosines[deep].mean().item(),
