@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from app.options import OneLineParser, int_range
+from app.options import OneLineParser, float_range, int_range
 
 SEED_BOUND = 2**63
 RECON_SUFFIX = "_recon.png"
@@ -70,7 +70,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     for path, dest in zip(tqdm(args.images, desc="reconstruct", unit="img", file=sys.stderr), dests):
         try:
             batch = to_batch(open_image(path, size=size), size=size)
-            recon = tokenizer.reconstruct(batch, steps=steps, sampler=sampler, seed=args.seed)
+            recon = tokenizer.reconstruct(batch, steps=steps, sampler=sampler, seed=args.seed, deblock=args.deblock)
         except ImageInputError as exc:
             reason = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
             failed.append((str(path), reason))
@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seed of the decoder noise, 0 <= seed < 2**63")
     rec.add_argument("--resize", action="store_true",
                      help="resize and centre-crop to the encoder's native size (else sides must divide by the patch)")
+    rec.add_argument("--deblock", type=float_range(0.0, 1.0), default=None,
+                     help="threshold of the patch-border deblocking filter, 0 to 1 (default: the checkpoint's; 0: off)")
     rec.set_defaults(func=_cmd_reconstruct)
 
     conv = sub.add_parser("convert", help="convert the official UniFlow release checkpoint to this format")

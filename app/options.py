@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from uniflow.configs import check_int
+from uniflow.configs import check_int, check_number
 from uniflow.errors import ConfigError
 
 
@@ -26,6 +26,24 @@ def int_range(lo: int | None = None, hi: int | None = None) -> Callable[[str], i
             raise argparse.ArgumentTypeError(str(exc).removeprefix("value: ")) from None
 
     parse.__name__ = "integer"
+    return parse
+
+
+def float_range(lo: float, hi: float) -> Callable[[str], float]:
+    """An argparse `type` accepting finite numbers in [lo, hi]."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        try:
+            check_number("value", value, lo, hi)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix("value: ")) from None
+        return value
+
+    parse.__name__ = "number"
     return parse
 
 

@@ -37,7 +37,7 @@ from eval import generalisation
 from eval.shapeworld_probe import probe_report, shared_features
 from uniflow import UniFlowTokenizer
 from uniflow.checkpoint import check_output_dir
-from uniflow.configs import check_int
+from uniflow.configs import check_int, check_number
 from uniflow.data.shapeworld import ShapeWorldDataset
 from uniflow.encoders import VisionEncoder, build_encoder
 from uniflow.errors import ConfigError, OutputError, UniFlowError
@@ -124,14 +124,18 @@ def _spread(images: torch.Tensor, k: int) -> torch.Tensor:
 def evaluate(bundle: Path, heldout: int = 1000, probe_train: int = 5000, steps: int = 1, sampler: str = "euler",
              batch_size: int = 100, seed: int = 0, tokenizer_dir: Path | None = None,
              teacher_weights: Path | None = None, generalise: bool = True, grid: Path | None = None,
-             grid_parts: Path | None = None, zoom: int = 4) -> dict:
+             grid_parts: Path | None = None, zoom: int = 4, deblock: float | None = None) -> dict:
     """Every figure of the bar; `tokenizer_dir`/`teacher_weights` replace the bundle's parts (ablation runs).
     probe_train 0 skips the probe (its figures are None); generalise adds the generalisation set's figures; grid
     writes the 2xN picture there (it needs generalise); grid_parts writes one 2x8 picture per part into that folder
-    (shapeworld.png, synthetic.png, photos.png), enlarged `zoom` times."""
+    (shapeworld.png, synthetic.png, photos.png), enlarged `zoom` times. deblock replaces the tokenizer's deblocking
+    threshold (0: off), to measure it with and without."""
     tokenizer_dir = tokenizer_dir or bundle / "tokenizer"
     teacher_weights = teacher_weights or bundle / "encoder" / "encoder.safetensors"
     tokenizer = UniFlowTokenizer.from_pretrained(tokenizer_dir)
+    if deblock is not None:
+        tokenizer.config = dataclasses.replace(
+            tokenizer.config, decoder=dataclasses.replace(tokenizer.config.decoder, deblock=deblock))
     teacher = load_teacher(teacher_weights, tokenizer)
     student = tokenizer.encoder
     num_layers = student.num_layers
@@ -188,6 +192,8 @@ def evaluate(bundle: Path, heldout: int = 1000, probe_train: int = 5000, steps: 
         "heldout_images": heldout,
         "sampler": sampler,
         "steps": steps,
+        "deblock": tokenizer.config.decoder.deblock,
+        "deblock_reach": tokenizer.config.decoder.deblock_reach,
         "psnr_db": torch.cat(psnrs).mean().item(),
         "ssim": torch.cat(ssims).mean().item(),
         "patch_seam_ratio": patch_seam_ratio(recon_all, originals, tokenizer.encoder.patch_size),
@@ -227,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="write shapeworld.png, synthetic.png and photos.png (2x8 each, originals above "
                              "reconstructions) into this folder, enlarged --zoom times")
     parser.add_argument("--zoom", type=int, default=4, help="pixel enlargement of the --grid-parts pictures")
+    parser.add_argument("--deblock", type=float, default=None,
+                        help="threshold of the patch-border deblocking filter instead of the tokenizer's (0: off)")
     args = parser.parse_args(argv)
     try:
         # every numeric option is range-checked here, before any compute: `--steps 0` is an error, never "1 step"
@@ -246,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise OutputError(f"--grid: expected a .png file path, got {args.grid}")
             check_output_dir(args.grid.parent, "--grid")
         check_int("--zoom", args.zoom, 1, 17)
+        if args.deblock is not None:
+            check_number("--deblock", args.deblock, 0.0, 1.0)
         if args.grid_parts is not None:
             if args.no_generalisation:
                 raise ConfigError("--grid-parts shows the generalisation set: drop --no-generalisation")
@@ -253,10 +263,11 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate(args.bundle, args.heldout, args.probe_train, args.steps, args.sampler,
                           batch_size=args.batch_size, seed=args.seed, tokenizer_dir=args.tokenizer,
                           teacher_weights=args.teacher, generalise=not args.no_generalisation, grid=args.grid,
-                          grid_parts=args.grid_parts, zoom=args.zoom)
+                          grid_parts=args.grid_parts, zoom=args.zoom, deblock=args.deblock)
     except UniFlowError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    print(f"deblocking threshold {result['deblock']:g}" + (" (off)" if not result["deblock"] else ""))
     print("| metric | value |\n| --- | --- |")
     keys = ["psnr_db", "ssim", "patch_seam_ratio", "patch_edge_ratio", "cosine_to_teacher_deepest_third",
             "probe_accuracy_student", "probe_accuracy_teacher", "probe_gap_points"]

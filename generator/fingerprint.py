@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from uniflow.decoder import DecoderConfig
+
 if TYPE_CHECKING:
     from uniflow.tokenizer import UniFlowTokenizer
 
@@ -41,9 +43,12 @@ def state_fingerprint(config: dict[str, Any], state: Mapping[str, torch.Tensor])
 
 def tokenizer_fingerprint(tokenizer: UniFlowTokenizer) -> str:
     """The fingerprint of a tokenizer (see the module docstring). `encoder.pretrained` (where the initial weights came
-    from, not what they are) is left out of the config."""
+    from, not what they are) and the decoder's post-filter settings (`DecoderConfig.POST_FILTER`: they change how a
+    decoded image is cleaned up, not the latent space) are left out of the config."""
     config = tokenizer.config.to_dict()
     config.get("encoder", {}).pop("pretrained", None)
+    for key in DecoderConfig.POST_FILTER:
+        config.get("decoder", {}).pop(key, None)
     return state_fingerprint(config, tokenizer.state_dict())
 
 

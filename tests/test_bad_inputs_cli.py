@@ -95,6 +95,16 @@ def _(ctx: Ctx) -> None:
     refused(ctx, ("--steps", "[1, 1001)", "100000"), *_recon(ctx, "--steps", "100000"))
 
 
+@case("clear_error", "deblock-out-of-range")
+def _(ctx: Ctx) -> None:
+    refused(ctx, ("--deblock", "[0, 1]", "1.5"), *_recon(ctx, "--deblock", "1.5"))
+
+
+@case("clear_error", "deblock-nan")
+def _(ctx: Ctx) -> None:
+    refused(ctx, ("--deblock", "nan"), *_recon(ctx, "--deblock", "nan"))
+
+
 @case("clear_error", "empty-sampler")
 def _(ctx: Ctx) -> None:
     refused(ctx, ("--sampler", "''"), *_recon(ctx, "--sampler", ""))

@@ -85,3 +85,18 @@ def test_grid_and_probe_options_are_checked_before_compute(tmp_path, capsys):
     assert main(["--bundle", str(tmp_path / "bundle"), "--probe-train", "-1"]) == 2
     assert "--probe-train" in capsys.readouterr().err
     assert not (tmp_path / "g.png").exists()
+
+
+def test_deblock_option_replaces_the_tokenizers_threshold(tmp_path, capsys):
+    write_bundle(tmp_path / "bundle", seed=0)
+    common = ["--bundle", str(tmp_path / "bundle"), "--heldout", "4", "--probe-train", "0", "--batch-size", "4",
+              "--no-generalisation"]
+    results = {}
+    for name, extra in [("plain", []), ("off", ["--deblock", "0"]), ("on", ["--deblock", "0.5"])]:
+        assert main([*common, *extra, "--out", str(tmp_path / f"{name}.json")]) == 0
+        results[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert results["plain"]["deblock"] == results["off"]["deblock"] == 0.0 and results["on"]["deblock"] == 0.5
+    assert results["plain"]["psnr_db"] == results["off"]["psnr_db"] != results["on"]["psnr_db"]
+    assert "deblocking threshold 0.5" in capsys.readouterr().out
+    assert main([*common, "--deblock", "1.5"]) == 2
+    assert "--deblock" in capsys.readouterr().err

@@ -8,6 +8,7 @@ Position embeddings are stored for the native grid and resampled for any other g
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -15,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from uniflow import flow
 from uniflow.blocks import TransformerBlock
-from uniflow.configs import check_number
+from uniflow.configs import check_int, check_number
 from uniflow.flow_head import FlowHead
 from uniflow.pos_embed import resize_grid_embedding, sincos_2d
 
@@ -30,6 +31,10 @@ class DecoderConfig:
     border_loss_weight: weight of the patch-border pixels (first/last row and column of each patch) in the flow
         loss, relative to the interior pixels; > 1 spends the decoder's capacity where the patch seams show (the
         seam ratio measures border over interior error). 1 (default) is the plain MSE.
+    deblock: threshold of the deblocking filter applied to decoded images (`uniflow.deblock`): steps at patch
+        borders beyond the local gradient and below this (in [0, 1] pixel units) are spread over `deblock_reach`
+        pixels on each side (None: half a patch). 0 (default) turns it off. Not part of training: a decode setting
+        stored with the weights, chosen for them (docs/tokenizer_search.md).
     """
 
     latent_channels: int = 64
@@ -42,10 +47,17 @@ class DecoderConfig:
     gradient_checkpointing: bool = False
     prediction: str = "velocity"
     border_loss_weight: float = 1.0
+    deblock: float = 0.0
+    deblock_reach: int | None = None
+
+    POST_FILTER: ClassVar[tuple[str, ...]] = ("deblock", "deblock_reach")  # decode settings, not the latent space
 
     def __post_init__(self) -> None:
         flow.check_prediction(self.prediction)
         check_number("border_loss_weight", self.border_loss_weight, 0.0, 100.0, lo_open=True)
+        check_number("deblock", self.deblock, 0.0, 1.0)
+        if self.deblock_reach is not None:
+            check_int("deblock_reach", self.deblock_reach, 1)
 
 
 def mlp(dim_in: int, dim_hidden: int, dim_out: int) -> nn.Sequential:

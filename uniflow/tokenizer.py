@@ -23,6 +23,7 @@ from torch import nn
 
 from uniflow import checkpoint, hub
 from uniflow.configs import KindConfig
+from uniflow.deblock import deblock as deblock_patches
 from uniflow.decoder import DecoderConfig, PixelFlowDecoder, mlp
 from uniflow.distill import DistillConfig, distillation_loss
 from uniflow.encoders import EncoderConfig, VisionEncoder, build_encoder
@@ -170,8 +171,9 @@ class UniFlowTokenizer(nn.Module):
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, grid: tuple[int, int] | None = None, steps: int | None = None,
                sampler: str | None = None, seed: int | None = None, output: str = "tensor",
-               generator: torch.Generator | None = None) -> torch.Tensor | list:
-        """Latents (B, N, C) -> images in [0, 1]: a (B, 3, H, W) tensor, or PIL images with output="pil"."""
+               generator: torch.Generator | None = None, deblock: float | None = None) -> torch.Tensor | list:
+        """Latents (B, N, C) -> images in [0, 1]: a (B, 3, H, W) tensor, or PIL images with output="pil".
+        deblock: threshold of the patch-border deblocking filter (None: the config's `decoder.deblock`; 0: off)."""
         latents = check_latents(latents, self.config.decoder.latent_channels)
         n = latents.shape[1]
         if grid is None:
@@ -188,7 +190,12 @@ class UniFlowTokenizer(nn.Module):
             generator = torch.Generator().manual_seed(seed)
         latents = latents.to(self.device, next(self.decoder.parameters()).dtype)
         pixels = self.decoder.sample(latents, tuple(grid), steps, sampler, generator)
-        images = self.encoder.denormalize(pixels.float()).clamp(0, 1)
+        images = self.encoder.denormalize(pixels.float())
+        decoder = self.config.decoder
+        threshold = decoder.deblock if deblock is None else deblock
+        if threshold:
+            images = deblock_patches(images, self.encoder.patch_size, threshold, decoder.deblock_reach)
+        images = images.clamp(0, 1)
         if output == "pil":
             return to_pil(images)
         if output != "tensor":
@@ -197,11 +204,13 @@ class UniFlowTokenizer(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, images: ImageLike | list[ImageLike], steps: int | None = None, sampler: str | None = None,
-                    seed: int | None = None, resize: bool = False) -> torch.Tensor | list:
+                    seed: int | None = None, resize: bool = False, deblock: float | None = None
+                    ) -> torch.Tensor | list:
         """Encode then decode. PIL in -> PIL out; tensors in -> (B, 3, H, W) tensor in [0, 1] out."""
         encoded = self.encode(images, resize)
         as_pil = not isinstance(images, torch.Tensor)
-        return self.decode(encoded.latents, encoded.grid, steps, sampler, seed, output="pil" if as_pil else "tensor")
+        return self.decode(encoded.latents, encoded.grid, steps, sampler, seed, output="pil" if as_pil else "tensor",
+                           deblock=deblock)
 
     # ----------------------------------------------------------------- io
     def save_pretrained(self, folder: str | Path, dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
