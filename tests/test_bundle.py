@@ -41,3 +41,19 @@ def test_the_check_names_a_changed_missing_or_extra_file(tmp_path: Path) -> None
     assert any(p.startswith("generator/weights.bin: in MANIFEST.json but not") for p in problems), problems
     assert any(p.startswith("mllm/extra.bin: in the bundle but not") for p in problems), problems
     assert bundle_manifest.main(["--bundle", str(bundle), "--check"]) == 1
+
+
+STAGED = ROOT / "checkpoints" / "shapeworld_v3"
+
+
+def test_the_staged_v3_parts_fit_together() -> None:
+    """The staged next bundle: its generator accepts its tokenizer (the deblocking setting written after training is
+    no part of the fingerprint), the tokenizer decodes with the chosen filter, and it stays within the bundle's size."""
+    from generator.model import ARGenerator
+    from uniflow import UniFlowTokenizer
+
+    tokenizer = UniFlowTokenizer.from_pretrained(STAGED / "tokenizer")
+    assert (tokenizer.config.decoder.deblock, tokenizer.config.decoder.deblock_reach) == (0.3, 2)
+    ARGenerator.from_pretrained(STAGED / "generator").check_tokenizer(tokenizer)
+    on_disk = sum(p.stat().st_size for p in STAGED.rglob("*") if p.is_file())
+    assert on_disk <= MAX_BUNDLE_BYTES, f"staged bundle is {on_disk / 1e6:.1f} MB"
