@@ -14,35 +14,13 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from app.options import int_range
+from app.options import float_range, int_range
 
 SEED_BOUND = 2**63
 MAX_BATCH = 65_536
-
-
-def float_range(lo: float, lo_open: bool = False) -> Callable[[str], float]:
-    """An argparse `type`: a finite float >= lo (> lo with lo_open); NaN and inf are refused."""
-
-    def parse(text: str) -> float:
-        from uniflow.configs import check_number
-        from uniflow.errors import ConfigError
-
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        try:
-            check_number("value", value, lo, None, lo_open=lo_open)
-        except ConfigError as exc:
-            raise argparse.ArgumentTypeError(str(exc).removeprefix("value: ")) from None
-        return value
-
-    parse.__name__ = "number"
-    return parse
 
 
 def _classes(args: argparse.Namespace, config: Any) -> tuple[list[int], str]:

@@ -29,8 +29,8 @@ def int_range(lo: int | None = None, hi: int | None = None) -> Callable[[str], i
     return parse
 
 
-def float_range(lo: float, hi: float) -> Callable[[str], float]:
-    """An argparse `type` accepting finite numbers in [lo, hi]."""
+def float_range(lo: float, hi: float | None = None, lo_open: bool = False) -> Callable[[str], float]:
+    """An argparse `type` accepting finite numbers in [lo, hi] ((lo, ...] with lo_open; hi None: unbounded)."""
 
     def parse(text: str) -> float:
         try:
@@ -38,7 +38,7 @@ def float_range(lo: float, hi: float) -> Callable[[str], float]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
         try:
-            check_number("value", value, lo, hi)
+            check_number("value", value, lo, hi, lo_open=lo_open)
         except ConfigError as exc:
             raise argparse.ArgumentTypeError(str(exc).removeprefix("value: ")) from None
         return value
