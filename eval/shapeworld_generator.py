@@ -13,7 +13,10 @@
    `encoder.safetensors` + `classifier.safetensors`, the 36-way head on mean-pooled tokens). Its accuracy on the
    real images says how far to trust it (bar >= 95%); its accuracy on the samples against the requested class is
    the generator's figure (bar >= 90%), also split into the shape part and the colour part of the class, and per
-   shape and per colour, so a failure says which part the generator gets wrong.
+   shape and per colour, so a failure says which part the generator gets wrong. Samples that show no object at all
+   (fewer than `NO_OBJECT_PIXELS` saturated pixels: ShapeWorld's backgrounds are near-neutral greys and its
+   objects saturated colours; the smallest object in 1000 real renders covers 68 such pixels) are counted apart,
+   with the accuracy over the samples that show one, so an empty canvas is told from a wrong shape.
 4. FID of the samples against the real images, with `eval.inception`'s network (the packaged TorchScript
    inception-2015-12-05 by default) and `eval.metrics_gen`: the 64-px images are upsampled to 299 px by the
    network's own preprocessing (TF1 bilinear), as the ADM evaluator feeds it. With about 1000 images of 2048-d
@@ -45,6 +48,9 @@ BARS: dict[str, float] = {"teacher_accuracy": 0.95, "sample_accuracy": 0.90}
 DEFAULT_TEACHER = Path(__file__).resolve().parents[1] / "checkpoints" / "shapeworld" / "encoder"
 REAL_SPLIT, REAL_SEED, REAL_OFFSET = "heldout", 0, 1000
 GRID_GAP, LABEL_LEFT, LABEL_TOP = 2, 64, 14
+# A pixel of an object: HSV saturation above OBJECT_SATURATION and value above OBJECT_VALUE; an image with fewer than
+# NO_OBJECT_PIXELS of them shows no object (ShapeWorld's smallest main object covers 68 at 64 px).
+OBJECT_SATURATION, OBJECT_VALUE, NO_OBJECT_PIXELS = 0.4, 0.25, 16
 
 
 # ------------------------------------------------------------------------------------------------------ loading
@@ -163,6 +169,24 @@ def accuracy_report(predicted: np.ndarray, target: np.ndarray) -> dict[str, Any]
         "per_colour": {c: mean(hit[target % k == i]) for i, c in enumerate(COLOURS) if (target % k == i).any()},
         "per_class": {CLASS_NAMES[c]: mean(hit[target == c]) for c in sorted(set(target.tolist()))},
     }
+
+
+def object_pixels(images: np.ndarray) -> np.ndarray:
+    """Per uint8 (N, H, W, 3) image, how many pixels are saturated colour (an object's, not the grey background's),
+    counted at 64 px scale so the threshold does not depend on the image size."""
+    x = images.astype(np.float32) / 255.0
+    top, bottom = x.max(-1), x.min(-1)
+    saturation = (top - bottom) / np.maximum(top, 1e-6)
+    count = ((saturation > OBJECT_SATURATION) & (top > OBJECT_VALUE)).sum(axis=(1, 2))
+    return count * (64 * 64) / (images.shape[1] * images.shape[2])
+
+
+def emptiness_report(images: np.ndarray, predicted: np.ndarray, target: np.ndarray) -> dict[str, Any]:
+    """How many images show no object, and the class accuracy over those that show one."""
+    empty = object_pixels(images) < NO_OBJECT_PIXELS
+    shown = ~empty
+    return {"without_object": float(empty.mean()), "without_object_count": int(empty.sum()),
+            "accuracy_with_object": float((predicted[shown] == target[shown]).mean()) if shown.any() else None}
 
 
 def fid_report(samples: np.ndarray, real: np.ndarray, network: Any, batch: int, cache: Path | None,
@@ -308,8 +332,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     seconds["render_real"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    teacher_real = accuracy_report(classify(teacher, real, progress=progress, desc="teacher real"), real_labels)
-    teacher_samples = accuracy_report(classify(teacher, samples, progress=progress, desc="teacher samples"), labels)
+    predicted_real = classify(teacher, real, progress=progress, desc="teacher real")
+    predicted_samples = classify(teacher, samples, progress=progress, desc="teacher samples")
+    teacher_real = {**accuracy_report(predicted_real, real_labels),
+                    **emptiness_report(real, predicted_real, real_labels)}
+    teacher_samples = {**accuracy_report(predicted_samples, labels),
+                       **emptiness_report(samples, predicted_samples, labels)}
     seconds["classify"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -350,6 +378,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "sample_accuracy": teacher_samples["accuracy"],
         "sample_shape_accuracy": teacher_samples["shape_accuracy"],
         "sample_colour_accuracy": teacher_samples["colour_accuracy"],
+        "samples_without_object": teacher_samples["without_object"],
+        "sample_accuracy_with_object": teacher_samples["accuracy_with_object"],
         "fid": fid["fid"],
         "teacher_on_real": teacher_real,
         "teacher_on_samples": teacher_samples,
@@ -377,6 +407,9 @@ def format_table(report: dict[str, Any]) -> str:
              f"| samples classified as the requested class | {pct(r['sample_accuracy'])} | >= 90% |",
              f"| ... its shape right | {pct(r['sample_shape_accuracy'])} | |",
              f"| ... its colour right | {pct(r['sample_colour_accuracy'])} | |",
+             f"| samples showing no object (real images: {pct(r['teacher_on_real']['without_object'])}) | "
+             f"{pct(r['samples_without_object'])} | |",
+             f"| accuracy over the samples that show one | {pct(r['sample_accuracy_with_object'])} | |",
              f"| FID vs {r['fid_details']['real']} real held-out images | {r['fid']:.2f} | |"]
     per = r["teacher_on_samples"]
     lines.append("per shape:  " + "  ".join(f"{k} {pct(v)}" for k, v in per["per_shape"].items()))

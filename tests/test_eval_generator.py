@@ -17,7 +17,16 @@ from safetensors.torch import save_file
 from app.cli import main as cli_main
 from eval.inception_layout import build_fid_inception, save_torchscript
 from eval.npz import write_samples
-from eval.shapeworld_generator import accuracy_report, class_grid, classify, load_teacher, real_images
+from eval.shapeworld_generator import (
+    NO_OBJECT_PIXELS,
+    accuracy_report,
+    class_grid,
+    classify,
+    emptiness_report,
+    load_teacher,
+    object_pixels,
+    real_images,
+)
 from eval.shapeworld_generator import main as script_main
 from generator.sample import sample_images, to_uint8
 from tests.test_generator import randomized, tiny_config, tokenizer_with_stats
@@ -117,6 +126,9 @@ def test_script_end_to_end_on_a_tiny_generator(world: dict[str, Path], tmp_path:
     for key in ("teacher_accuracy", "sample_accuracy", "sample_shape_accuracy", "sample_colour_accuracy"):
         assert 0.0 <= r[key] <= 1.0
     assert r["sample_accuracy"] <= min(r["sample_shape_accuracy"], r["sample_colour_accuracy"])
+    assert r["teacher_on_real"]["without_object"] == 0.0  # every real render shows its object
+    assert 0.0 <= r["samples_without_object"] <= 1.0
+    assert "samples showing no object" in stdout
     assert set(r["teacher_on_samples"]["per_class"]) == {CLASS_NAMES[0], CLASS_NAMES[7], CLASS_NAMES[35]}
     assert math.isfinite(r["fid"]) and r["fid"] > 0
     assert set(r["passes"]) == {"teacher_accuracy", "sample_accuracy"}
@@ -183,3 +195,24 @@ def test_eval_gen_with_a_generator_end_to_end(world: dict[str, Path], tmp_path: 
         code = cli_main(args)
         err = capsys.readouterr().err
         assert code == 2 and needle in err, err
+
+
+def test_images_without_an_object_are_counted_apart() -> None:
+    """Real renders all show an object; a grey canvas (flat, a gradient, faintly tinted) shows none; the accuracy
+    over the images that show one leaves the empty ones out; the count does not depend on the image size."""
+    real, labels = real_images(64, 64)
+    assert object_pixels(real).min() >= 4 * NO_OBJECT_PIXELS
+    ramp = np.linspace(40, 220, 64, dtype=np.float32)[None, :, None, None] * np.ones((1, 64, 64, 3), np.float32)
+    tint = ramp + np.array([6.0, 0.0, -6.0], np.float32)  # a faint warm tint on the grey, as backgrounds have
+    canvases = np.concatenate([np.full((1, 64, 64, 3), 128, np.uint8), ramp.clip(0, 255).astype(np.uint8),
+                               tint.clip(0, 255).astype(np.uint8)])
+    assert (object_pixels(canvases) < NO_OBJECT_PIXELS).all()
+    images = np.concatenate([real[:5], canvases])
+    target = np.concatenate([labels[:5], [0, 1, 2]])
+    predicted = target.copy()
+    predicted[1] = (target[1] + 1) % NUM_CLASSES  # one wrong answer among the images with an object
+    report = emptiness_report(images, predicted, target)
+    assert report["without_object_count"] == 3 and report["without_object"] == pytest.approx(3 / 8)
+    assert report["accuracy_with_object"] == pytest.approx(4 / 5)
+    big = real[:4].repeat(2, axis=1).repeat(2, axis=2)  # the same images at 128 px
+    np.testing.assert_allclose(object_pixels(big), object_pixels(real[:4]))
