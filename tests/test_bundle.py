@@ -48,12 +48,23 @@ STAGED = ROOT / "checkpoints" / "shapeworld_v3"
 
 def test_the_staged_v3_parts_fit_together() -> None:
     """The staged next bundle: its generator accepts its tokenizer (the deblocking setting written after training is
-    no part of the fingerprint), the tokenizer decodes with the chosen filter, and it stays within the bundle's size."""
+    no part of the fingerprint), the tokenizer decodes with the chosen filter, its MLLM's projector was trained on
+    this tokenizer's encoder (the sibling folder its config names) and not on the shipped one, and it stays within the
+    bundle's size."""
     from generator.model import ARGenerator
+    from mllm.config import MLLMConfig
+    from mllm.llm import same_probe
+    from mllm.model import build_vision, encoder_probe
     from uniflow import UniFlowTokenizer
 
     tokenizer = UniFlowTokenizer.from_pretrained(STAGED / "tokenizer")
     assert (tokenizer.config.decoder.deblock, tokenizer.config.decoder.deblock_reach) == (0.3, 2)
     ARGenerator.from_pretrained(STAGED / "generator").check_tokenizer(tokenizer)
+    data = json.loads((STAGED / "mllm" / "config.json").read_text())
+    assert data["vision"]["tokenizer"] == "../tokenizer"
+    config = MLLMConfig.from_dict({k: v for k, v in data.items() if k not in ("base", "encoder_probe", "metrics")})
+    for folder, same in ((STAGED / "mllm", True), (ROOT / "checkpoints" / "shapeworld" / "mllm", False)):
+        encoder = build_vision(config, meta=False, load_weights=True, folder=folder)
+        assert same_probe(data["encoder_probe"], encoder_probe(encoder)) is same, folder
     on_disk = sum(p.stat().st_size for p in STAGED.rglob("*") if p.is_file())
     assert on_disk <= MAX_BUNDLE_BYTES, f"staged bundle is {on_disk / 1e6:.1f} MB"
